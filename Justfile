@@ -1,0 +1,60 @@
+# nmvm's routine tasks. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+nmvm := "target/release/nmvm"
+
+# Show the recipes.
+default:
+    @just --list
+
+# Build nmvm (and the bundled guest it embeds) in release mode.
+build:
+    cargo build --release
+
+# Boot the bundled guest; extra arguments go to `nmvm run`, e.g. `just run --cpus 2 --cmdline exit=7`.
+run *ARGS: build
+    {{nmvm}} run {{ARGS}}
+
+# The whole test suite, exactly as the README and CI run it.
+test:
+    cargo test --workspace
+
+# Formatting and lints, as CI checks them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Build the bundled guest (it is also built by every nmvm build) and lint its bare-metal binary.
+guest:
+    cargo build -p nmvm
+    @find target/debug/build -path '*guest-target/*/release/nmvm-guest' -newer guest-images/guest/Cargo.toml -print -quit
+
+# Fetch the stock Debian cloud kernel into guest-images/cache/debian-kernel (bzImage and ELF vmlinux).
+kernel-debian:
+    bash guest-images/debian-kernel.sh
+
+# Boot the stock Debian kernel until it has printed its banner (under emulated KVM it then dies much later).
+run-debian: build kernel-debian
+    {{nmvm}} run --memory 512M --kernel guest-images/cache/debian-kernel/vmlinux --cmdline "earlyprintk=serial console=ttyS0"
+
+# Boot timing and VMM memory of the bundled guest: medians over N runs (default 20).
+boot-metrics N="20": build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    first=(); verdict=(); rss=()
+    for _ in $(seq {{N}}); do
+        out=$({{nmvm}} run --stats 2>&1 >/dev/null)
+        first+=($(awk '/first guest exit/ {print $4}' <<<"$out"))
+        verdict+=($(awk '/verdict/ {print $2}' <<<"$out"))
+        rss+=($(awk '/VMM resident memory/ {print $4}' <<<"$out"))
+    done
+    median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+    echo "runs: {{N}} (bundled guest, 1 vCPU, 256 MiB, $(nproc) host cores)"
+    echo "process start -> first guest instruction (first exit): $(median "${first[@]}") ms (median)"
+    echo "process start -> guest exited:                         $(median "${verdict[@]}") ms (median)"
+    echo "VMM resident memory beyond guest RAM:                  $(median "${rss[@]}") KiB (median)"

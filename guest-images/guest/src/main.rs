@@ -1,0 +1,410 @@
+//! The bundled nmvm guest: a bare-metal x86-64 program entered through the Linux 64-bit boot
+//! protocol (long mode, first 4 GiB identity-mapped, `%rsi` = zero page).
+//!
+//! Its kernel-mode code runs under an instruction emulator that lacks SSE, INT3, POPCNT and
+//! more (DESIGN.md §3), so everything here is integer-only, never touches `core::fmt`, and
+//! has no run-time panic path. The parsing lives in the library, where it is unit-tested.
+
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::panic::PanicInfo;
+
+use nmvm_guest::mptable::{self, MpError};
+use nmvm_guest::{
+    boot_params, parse_cmdline, read_cmdline, tsc_hz, write_ready_line, BootParams, Exit, Fault,
+    PhysMem, Sink, CMDLINE_MAX, IDENTITY_MAPPED_END,
+};
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Diagnostic port: the VMM timestamps the guest's first exit here.
+const PORT_POST: u16 = 0x80;
+/// The VMM ends the VM with the byte written here as the process status.
+const PORT_EXIT: u16 = 0xF4;
+const COM1: u16 = 0x3F8;
+const COM1_LSR: u16 = COM1 + 5;
+const LSR_THR_EMPTY: u8 = 1 << 5;
+/// A UART that never drains must not hang the guest: give up waiting and write anyway.
+const LSR_POLLS: u32 = 100_000;
+const PIT_CH2: u16 = 0x42;
+const PIT_CMD: u16 = 0x43;
+/// Port B of the old PC system control: bit 0 gates PIT channel 2, bit 1 drives the
+/// speaker from it, bit 5 reads back its OUT line.
+const PORT_B: u16 = 0x61;
+const I8042_CMD: u16 = 0x64;
+const I8042_PULSE_RESET: u8 = 0xFE;
+
+/// PIT counts for the calibration window: 59659 / 1.193182 MHz = 50 ms, short enough to be
+/// a small part of any `wait=`, long enough that an 8 µs port exit is 0.02 % of it.
+const PIT_CALIBRATION_COUNTS: u16 = 59_659;
+/// Upper bound on OUT2 polls: at ~8 µs a poll this is about 8 s, far beyond 50 ms.
+const PIT_POLLS: u32 = 1_000_000;
+/// Used only when the PIT does not answer, so that `wait=` still ends.
+const FALLBACK_TSC_HZ: u64 = 2_000_000_000;
+
+// The first instruction must be the port-0x80 write: the VMM takes that exit as "first guest
+// instruction". The boot protocol promises no stack, so we switch to the one the linker script
+// reserves in .bss before entering Rust, and pass the zero page address (in %rsi) as the first
+// argument. Nothing else needs zeroing: the VMM zeroes guest memory before loading us.
+global_asm!(
+    ".section .text._start, \"ax\", @progbits",
+    ".global _start",
+    ".type _start, @function",
+    "_start:",
+    "out {post}, al",
+    "lea rsp, [rip + __stack_top]",
+    "xor ebp, ebp",
+    "mov rdi, rsi",
+    "cld",
+    "call {main}",
+    "2:",
+    "cli",
+    "pause",
+    "jmp 2b",
+    ".size _start, . - _start",
+    post = const PORT_POST,
+    main = sym guest_main,
+);
+
+/// Writes `val` to I/O port `port`.
+///
+/// # Safety
+/// The caller must know what the device behind `port` does with the write; the ports used
+/// here (UART, PIT, port B, i8042, exit port) have no effect on memory Rust can see.
+unsafe fn outb(port: u16, val: u8) {
+    // SAFETY: `out` touches no memory and no stack; the device effect is the caller's contract.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads I/O port `port`.
+///
+/// # Safety
+/// As for [`outb`]: reads may have device side effects the caller must intend.
+unsafe fn inb(port: u16) -> u8 {
+    let val: u8;
+    // SAFETY: `in` touches no memory and no stack; the device effect is the caller's contract.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") val, options(nomem, nostack, preserves_flags))
+    }
+    val
+}
+
+fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: RDTSC only reads the time-stamp counter into edx:eax (CR4.TSD is clear at CPL 0
+    // anyway); it touches no memory.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+fn pause() {
+    // SAFETY: PAUSE is a spin-loop hint with no architectural effect.
+    unsafe { asm!("pause", options(nomem, nostack, preserves_flags)) }
+}
+
+/// Stops for good with interrupts off; `hlt` would not do, because with an in-kernel irqchip
+/// it never reaches the VMM, and the loop costs the emulator nothing it notices.
+fn spin_forever() -> ! {
+    loop {
+        // SAFETY: CLI only masks maskable interrupts, which this guest never handles anyway.
+        unsafe { asm!("cli", options(nomem, nostack)) }
+        pause();
+    }
+}
+
+/// COM1, written by polling (no interrupts, no FIFO set-up: the VMM's 8250 needs none).
+struct Serial;
+
+impl Sink for Serial {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            for _ in 0..LSR_POLLS {
+                // SAFETY: reading the 8250 line status register has no side effect.
+                if unsafe { inb(COM1_LSR) } & LSR_THR_EMPTY != 0 {
+                    break;
+                }
+            }
+            // SAFETY: writing the transmit holding register sends one byte on the console.
+            unsafe { outb(COM1, b) }
+        }
+    }
+}
+
+/// Guest-physical memory, read through the identity map where the zero page says it is.
+struct GuestMem {
+    bp: BootParams<'static>,
+}
+
+impl PhysMem for GuestMem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        if !self.bp.readable(addr, buf.len() as u64) {
+            return false;
+        }
+        // SAFETY: `readable` checked that [addr, addr + len) is non-null, inside the
+        // identity-mapped first 4 GiB, and inside the first MiB or an e820 range, i.e. guest
+        // memory the VMM backs. Nothing writes it while we read (the other vCPUs are never
+        // started), and `buf` is on our own stack, which the boot protocol keeps apart from
+        // the tables and command line we read.
+        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        true
+    }
+}
+
+/// The zero page at `addr`, or an empty view when the pointer is unusable.
+fn zero_page(addr: u64) -> &'static [u8] {
+    let size = boot_params::SIZE as u64;
+    if addr == 0 || addr > IDENTITY_MAPPED_END - size {
+        return &[];
+    }
+    // SAFETY: the boot protocol hands us a 4 KiB zero page at `addr`, which we checked is
+    // non-null and inside the identity map. The VMM wrote it before we started and nothing
+    // writes it afterwards, so a shared 'static borrow of it is never aliased mutably.
+    unsafe { core::slice::from_raw_parts(addr as *const u8, boot_params::SIZE) }
+}
+
+fn print(s: &[u8]) {
+    Serial.write(s);
+}
+
+/// Prints the exit line and ends the VM through the exit port.
+fn exit(status: u8) -> ! {
+    print(b"nmvm-guest: exit ");
+    Serial.write_dec(u64::from(status));
+    print(b"\n");
+    // SAFETY: the exit port tells the VMM to end the VM; it has no effect on guest memory.
+    unsafe { outb(PORT_EXIT, status) }
+    spin_forever()
+}
+
+fn reset() -> ! {
+    print(b"nmvm-guest: exit reset\n");
+    // SAFETY: pulsing the i8042 reset line asks the VMM to end (reset) the VM; no memory effect.
+    unsafe { outb(I8042_CMD, I8042_PULSE_RESET) }
+    // A VMM without an i8042 still has to stop on a triple fault.
+    triple_fault()
+}
+
+/// With an IDT of limit 0 every vector is out of bounds: #UD → #GP → #DF → shutdown.
+fn triple_fault() -> ! {
+    // A 10-byte IDTR image: limit 0, base 0.
+    let idtr = [0u16; 5];
+    // SAFETY: LIDT reads 10 bytes from `idtr`, which is live on our stack; the UD2 that
+    // follows never returns because no handler can be found, which `noreturn` states.
+    unsafe { asm!("lidt [{0}]", "ud2", in(reg) idtr.as_ptr(), options(noreturn, nostack)) }
+}
+
+/// Executes `xorps xmm0, xmm0` at CPL 0. It is emitted as bytes because compiled code has SSE
+/// disabled. The emulator on our CI machines ends the VM here with an emulation failure; real
+/// hardware raises #UD (CR4.OSFXSR is clear) and, with no IDT of ours, triple-faults.
+fn sse_instruction() {
+    // SAFETY: the instruction only zeroes xmm0, a register no compiled code in this binary
+    // uses (SSE is disabled for it), so clobbering it cannot affect the program.
+    unsafe {
+        asm!(
+            ".byte 0x0f, 0x57, 0xc0",
+            options(nomem, nostack, preserves_flags)
+        )
+    }
+}
+
+/// TSC ticks per second, measured over a 50 ms PIT channel 2 one-shot (mode 0).
+fn calibrate_tsc() -> Option<u64> {
+    let [lo, hi] = PIT_CALIBRATION_COUNTS.to_le_bytes();
+    // SAFETY: port B, the PIT command port and channel 2 drive only the PC speaker timer;
+    // gate on (bit 0) with the speaker off (bit 1) so nothing audible happens.
+    unsafe {
+        let b = inb(PORT_B);
+        outb(PORT_B, (b & !0x02) | 0x01);
+        // Channel 2, lobyte/hibyte, mode 0 (OUT rises at terminal count), binary.
+        outb(PIT_CMD, 0xB0);
+        outb(PIT_CH2, lo);
+        outb(PIT_CH2, hi);
+    }
+    let start = rdtsc();
+    for _ in 0..PIT_POLLS {
+        // SAFETY: reading port B has no side effect; bit 5 is channel 2's OUT line.
+        if unsafe { inb(PORT_B) } & 0x20 != 0 {
+            let hz = tsc_hz(
+                rdtsc().wrapping_sub(start),
+                u64::from(PIT_CALIBRATION_COUNTS),
+            )?;
+            // Anything below 1 MHz means OUT2 was high at once, i.e. there is no real PIT.
+            return (hz >= 1_000_000).then_some(hz);
+        }
+    }
+    None
+}
+
+fn wait_seconds(secs: u32) {
+    print(b"nmvm-guest: waiting ");
+    Serial.write_dec(u64::from(secs));
+    print(b" s\n");
+    let hz = calibrate_tsc().unwrap_or_else(|| {
+        print(b"nmvm-guest: PIT calibration failed, assuming a 2 GHz TSC\n");
+        FALLBACK_TSC_HZ
+    });
+    let ticks = hz.saturating_mul(u64::from(secs));
+    let start = rdtsc();
+    while rdtsc().wrapping_sub(start) < ticks {
+        pause();
+    }
+}
+
+fn count_cpus(mem: &GuestMem) -> u32 {
+    match mptable::count_cpus(mem) {
+        Ok(n) => n.max(1),
+        Err(MpError::NotFound) => 1,
+        Err(e) => {
+            print(b"nmvm-guest: MP table ignored: ");
+            print(e.as_str().as_bytes());
+            print(b"\n");
+            1
+        }
+    }
+}
+
+extern "C" fn guest_main(zero_page_addr: u64) -> ! {
+    let bp = BootParams::new(zero_page(zero_page_addr));
+    let mem = GuestMem { bp };
+
+    let mut cmdline_buf = [0u8; CMDLINE_MAX];
+    let cmdline_len = bp.cmdline_addr().map_or(0, |addr| {
+        read_cmdline(&mem, addr, bp.cmdline_limit(), &mut cmdline_buf)
+    });
+    let cmdline = cmdline_buf.get(..cmdline_len).unwrap_or(&[]);
+
+    let cpus = count_cpus(&mem);
+    write_ready_line(&mut Serial, VERSION, bp.ram_bytes(), cpus, cmdline);
+
+    let config = match parse_cmdline(cmdline) {
+        Ok(c) => c,
+        Err(word) => {
+            print(b"nmvm-guest: bad value in \"");
+            print(word);
+            print(b"\"\n");
+            exit(2)
+        }
+    };
+
+    if config.wait_secs != 0 {
+        wait_seconds(config.wait_secs);
+    }
+
+    match config.fault {
+        Some(Fault::Panic) => {
+            print(b"Kernel panic - not syncing: nmvm-guest fault=panic\n");
+            spin_forever()
+        }
+        Some(Fault::Triple) => triple_fault(),
+        Some(Fault::Sse) => {
+            sse_instruction();
+            print(b"nmvm-guest: the SSE instruction did not stop the VM\n");
+        }
+        None => {}
+    }
+
+    match config.exit {
+        Exit::Status(n) => exit(n),
+        Exit::Reset => reset(),
+    }
+}
+
+#[panic_handler]
+fn panic(_info: &PanicInfo) -> ! {
+    print(b"nmvm-guest: panic\n");
+    exit(255)
+}
+
+// The C memory primitives the compiler calls on its own. They are written with string
+// instructions in inline assembly so that LLVM cannot recognise them as a memset/memcpy
+// idiom and turn their bodies into calls to themselves.
+
+/// # Safety
+/// Standard C `memcpy` contract: valid, non-overlapping ranges of `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid for `n` bytes; DF is clear (set in
+    // `_start` and never changed outside `memmove`, which restores it).
+    unsafe {
+        asm!(
+            "rep movsb",
+            inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
+            options(nostack, preserves_flags)
+        )
+    };
+    dst
+}
+
+/// # Safety
+/// Standard C `memmove` contract: valid ranges of `n` bytes, which may overlap.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize).wrapping_sub(src as usize) >= n {
+        // dst is below src or the ranges are disjoint: a forward copy never reads a byte it
+        // has already overwritten.
+        // SAFETY: forwarded contract, and forward order is correct for this overlap.
+        unsafe { memcpy(dst, src, n) }
+    } else if n != 0 {
+        // dst overlaps the tail of src: copy backwards, from the last byte down.
+        // SAFETY: the caller guarantees both ranges are valid for `n` bytes (n > 0, so the
+        // last-byte pointers are in range); DF is restored before the block ends.
+        unsafe {
+            asm!(
+                "std",
+                "rep movsb",
+                "cld",
+                inout("rcx") n => _,
+                inout("rdi") dst.add(n - 1) => _,
+                inout("rsi") src.add(n - 1) => _,
+                options(nostack)
+            )
+        };
+        dst
+    } else {
+        dst
+    }
+}
+
+/// # Safety
+/// Standard C `memset` contract: a valid range of `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees the range is valid for `n` bytes; DF is clear.
+    unsafe {
+        asm!(
+            "rep stosb",
+            inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
+            options(nostack, preserves_flags)
+        )
+    };
+    dst
+}
+
+/// # Safety
+/// Standard C `memcmp` contract: valid ranges of `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i < n, and the caller guarantees both ranges are valid for `n` bytes.
+        let (x, y) = unsafe { (a.add(i).read(), b.add(i).read()) };
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+        i += 1;
+    }
+    0
+}
+
+/// # Safety
+/// Standard `bcmp` contract (LLVM emits it for equality-only comparisons): as `memcmp`.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp, forwarded unchanged.
+    unsafe { memcmp(a, b, n) }
+}

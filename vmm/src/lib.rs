@@ -1,0 +1,13 @@
+//! nmvm: a minimal virtual machine monitor with one virtio-net device whose
+//! backend is hard-wired to netmap rings.
+//!
+//! The binary `nmvm` is a thin command line over this library: [`vm::run`]
+//! boots a guest and returns how its run ended.
+
+pub mod boot;
+pub mod cli;
+pub mod console;
+pub mod hypervisor;
+pub mod metrics;
+pub mod verdict;
+pub mod vm;

@@ -1,0 +1,479 @@
+//! One VM from configuration to verdict: memory, boot state, devices, vCPU
+//! threads, and the wait for whatever ends the run.
+
+use std::fs::File;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use nmvm_devices::bus::PioBus;
+use nmvm_devices::legacy::{ExitDevice, EXIT_PORT, I8042, I8042_BASE, I8042_LEN};
+use nmvm_devices::serial::{COM1_BASE, COM1_IRQ, SERIAL_LEN};
+use nmvm_devices::{GuestStop, StopVm};
+use thiserror::Error;
+
+use crate::boot::{self, layout, mptable, BootError, BootSpec};
+use crate::console::{self, ConsoleOut, ConsoleSerial, RawTerminal};
+use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::{HypervisorError, Vcpu, VcpuExit, Vm};
+use crate::metrics;
+use crate::verdict::StopReason;
+
+/// The bundled guest, built from `guest-images/guest` by the build script.
+pub static BUNDLED_GUEST: &[u8] = include_bytes!(env!("NMVM_GUEST_ELF"));
+
+/// Smallest VM nmvm creates.
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// Errors that prevent a VM from starting.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// A configuration value is out of range.
+    #[error("{0}")]
+    Config(String),
+    /// The hypervisor refused something.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// A file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    File {
+        /// Which file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel, initrd or command line could not be set up.
+    #[error("{path}: {source}")]
+    Boot {
+        /// The kernel image.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: BootError,
+    },
+    /// A device could not be set up.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Which kernel to boot.
+#[derive(Debug, Clone)]
+pub enum KernelChoice {
+    /// The guest embedded in nmvm.
+    Bundled,
+    /// A vmlinux or bzImage file.
+    File(PathBuf),
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The kernel.
+    pub kernel: KernelChoice,
+    /// An initrd, if any.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// vCPU count.
+    pub cpus: u8,
+    /// When the process started (for boot timings).
+    pub started: Instant,
+}
+
+/// Counters kept by the vCPU threads.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// Runs interrupted by a kick.
+    pub interrupted: AtomicU64,
+    /// Anything else.
+    pub other: AtomicU64,
+}
+
+impl ExitCounters {
+    /// All exits counted.
+    pub fn total(&self) -> u64 {
+        [
+            &self.io_in,
+            &self.io_out,
+            &self.mmio_read,
+            &self.mmio_write,
+            &self.interrupted,
+            &self.other,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why it ended.
+    pub reason: StopReason,
+    /// Time from process start to the guest's first exit (for the bundled
+    /// guest, its first instruction is a port write, so this is the time to
+    /// its first instruction plus one exit).
+    pub first_exit: Option<Duration>,
+    /// Time from process start to the verdict.
+    pub elapsed: Duration,
+    /// VM exits by kind.
+    pub exits: Arc<ExitCounters>,
+    /// Process resident memory beyond resident guest RAM, in KiB.
+    pub vmm_rss_kib: Option<u64>,
+}
+
+/// The stop hook handed to devices and vCPU threads: the first reason wins.
+struct Control {
+    stopping: AtomicBool,
+    tx: Mutex<Sender<StopReason>>,
+}
+
+impl Control {
+    fn request(&self, reason: StopReason) {
+        if !self.stopping.swap(true, Ordering::SeqCst) {
+            debug!("stop requested: {reason}");
+        }
+        // The receiver keeps the first reason; later ones are ignored.
+        let _ = nmvm_devices::bus::lock(&self.tx).send(reason);
+    }
+}
+
+impl StopVm for Control {
+    fn stop(&self, why: GuestStop) {
+        self.request(match why {
+            GuestStop::ExitStatus(s) => StopReason::GuestExit(s),
+            GuestStop::Reset => {
+                info!("the guest reset the VM");
+                StopReason::GuestReset
+            }
+        });
+    }
+}
+
+/// State shared by the vCPU threads.
+struct VcpuShared {
+    control: Arc<Control>,
+    pio: PioBus,
+    exits: Arc<ExitCounters>,
+    first_exit: OnceLock<Instant>,
+}
+
+fn check_config(cfg: &VmConfig, max_vcpus: usize) -> Result<(), VmError> {
+    if cfg.memory < MIN_MEMORY {
+        return Err(VmError::Config(format!(
+            "--memory {} is too small: nmvm needs at least 16M",
+            cfg.memory
+        )));
+    }
+    if cfg.memory % 4096 != 0 {
+        return Err(VmError::Config(
+            "--memory must be a whole number of 4 KiB pages".into(),
+        ));
+    }
+    // SAFETY: sysinfo fills the struct it is given and nothing else.
+    let host_ram = unsafe {
+        let mut info: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut info) == 0 {
+            Some(info.totalram * u64::from(info.mem_unit))
+        } else {
+            None
+        }
+    };
+    if let Some(host) = host_ram {
+        if cfg.memory > host {
+            return Err(VmError::Config(format!(
+                "--memory {} MiB is more than this host's {} MiB of RAM",
+                cfg.memory >> 20,
+                host >> 20
+            )));
+        }
+    }
+    let max = max_vcpus.min(usize::from(mptable::MAX_CPUS));
+    if cfg.cpus == 0 || usize::from(cfg.cpus) > max {
+        return Err(VmError::Config(format!(
+            "--cpus {} is out of range: nmvm runs 1 to {max} vCPUs here",
+            cfg.cpus
+        )));
+    }
+    Ok(())
+}
+
+fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
+    std::fs::read(path).map_err(|source| VmError::File {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// A signal handler that does nothing: its only job is to interrupt
+/// KVM_RUN (which then returns EINTR) so a vCPU thread sees the stop flag.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Boots the VM described by `cfg` and runs it to a verdict.
+pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
+    let hv = KvmHypervisor::new()?;
+    check_config(cfg, hv.max_vcpus())?;
+    let vm = hv.create_vm()?;
+    let mem = vm.create_memory(&layout::ram_ranges(cfg.memory))?;
+
+    let initrd = cfg.initrd.as_ref().map(read_file).transpose()?;
+    let boot_state = match &cfg.kernel {
+        KernelChoice::Bundled => boot::setup(
+            &mem,
+            BootSpec {
+                kernel: &mut Cursor::new(BUNDLED_GUEST),
+                kernel_len: BUNDLED_GUEST.len() as u64,
+                initrd: initrd.as_deref(),
+                cmdline: &cfg.cmdline,
+                cpus: cfg.cpus,
+                memory: cfg.memory,
+            },
+        )
+        .map_err(|source| VmError::Boot {
+            path: "bundled guest".into(),
+            source,
+        })?,
+        KernelChoice::File(path) => {
+            let mut f = File::open(path).map_err(|source| VmError::File {
+                path: path.clone(),
+                source,
+            })?;
+            let len = f
+                .metadata()
+                .map_err(|source| VmError::File {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            boot::setup(
+                &mem,
+                BootSpec {
+                    kernel: &mut f,
+                    kernel_len: len,
+                    initrd: initrd.as_deref(),
+                    cmdline: &cfg.cmdline,
+                    cpus: cfg.cpus,
+                    memory: cfg.memory,
+                },
+            )
+            .map_err(|source| VmError::Boot {
+                path: path.display().to_string(),
+                source,
+            })?
+        }
+    };
+
+    let (tx, rx) = mpsc::channel();
+    let control = Arc::new(Control {
+        stopping: AtomicBool::new(false),
+        tx: Mutex::new(tx),
+    });
+
+    let serial = Arc::new(Mutex::new(ConsoleSerial::new(
+        vm.irq_line(COM1_IRQ)?,
+        ConsoleOut::stdout(),
+    )));
+    let mut pio = PioBus::new();
+    let dev_err = |e: nmvm_devices::bus::BusError| VmError::Device(e.to_string());
+    pio.insert(COM1_BASE, SERIAL_LEN, serial.clone())
+        .map_err(dev_err)?;
+    pio.insert(
+        EXIT_PORT,
+        1,
+        Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
+    )
+    .map_err(dev_err)?;
+    pio.insert(
+        I8042_BASE,
+        I8042_LEN,
+        Arc::new(Mutex::new(I8042::new(control.clone()))),
+    )
+    .map_err(dev_err)?;
+
+    let shared = Arc::new(VcpuShared {
+        control: control.clone(),
+        pio,
+        exits: Arc::new(ExitCounters::default()),
+        first_exit: OnceLock::new(),
+    });
+
+    // The handler is async-signal-safe: it does nothing.
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| VmError::Thread(e.into()))?;
+    let signal = Arc::new(AtomicUsize::new(0));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)
+            .map_err(VmError::Thread)?;
+    }
+
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
+    for id in 0..cfg.cpus {
+        vcpus.push(vm.create_vcpu(id, cfg.cpus, &boot_state)?);
+    }
+
+    let _terminal = RawTerminal::enable();
+    console::forward_stdin(serial);
+
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nmvm-vcpu{id}"))
+            .spawn(move || vcpu_loop(vcpu, &shared));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_vcpus(&control, &threads);
+                return Err(VmError::Thread(e));
+            }
+        }
+    }
+
+    let reason = loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(reason) => break reason,
+            Err(RecvTimeoutError::Timeout) => {
+                let sig = signal.load(Ordering::Relaxed);
+                if sig != 0 {
+                    break StopReason::Signal(sig as i32);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                break StopReason::Vmm("the VM's control channel closed".into())
+            }
+        }
+    };
+    control.stopping.store(true, Ordering::SeqCst);
+    stop_vcpus(&control, &threads);
+    for t in threads {
+        if t.join().is_err() {
+            warn!("a vCPU thread panicked");
+        }
+    }
+    let elapsed = cfg.started.elapsed();
+    let vmm_rss_kib =
+        metrics::process_rss_kib().map(|rss| rss.saturating_sub(metrics::guest_resident_kib(&mem)));
+    drop(vm);
+    drop(mem);
+    Ok(RunOutcome {
+        reason,
+        first_exit: shared
+            .first_exit
+            .get()
+            .map(|t| t.saturating_duration_since(cfg.started)),
+        elapsed,
+        exits: shared.exits.clone(),
+        vmm_rss_kib,
+    })
+}
+
+/// Interrupts every vCPU thread until it has seen the stop flag. Signals
+/// are re-sent because one that lands while a thread is outside KVM_RUN is
+/// consumed without effect.
+fn stop_vcpus(control: &Control, threads: &[JoinHandle<()>]) {
+    use std::os::unix::thread::JoinHandleExt;
+    control.stopping.store(true, Ordering::SeqCst);
+    for _ in 0..500 {
+        if threads.iter().all(|t| t.is_finished()) {
+            return;
+        }
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            // SAFETY: the pthread_t belongs to a thread we spawned and have
+            // not joined, so it is still valid; the signal has a handler.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    warn!("vCPU threads did not stop within a second");
+}
+
+fn vcpu_loop<V: Vcpu>(mut vcpu: V, shared: &VcpuShared) {
+    let counters = &shared.exits;
+    let end = |r: StopReason| {
+        counters.other.fetch_add(1, Ordering::Relaxed);
+        shared.control.request(r);
+    };
+    while !shared.control.stopping.load(Ordering::Relaxed) {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) => {
+                shared.control.request(StopReason::Vmm(e.to_string()));
+                return;
+            }
+        };
+        if !matches!(exit, VcpuExit::Interrupted) {
+            shared.first_exit.get_or_init(Instant::now);
+        }
+        match exit {
+            VcpuExit::IoIn { port, data } => {
+                counters.io_in.fetch_add(1, Ordering::Relaxed);
+                shared.pio.read(port, data);
+            }
+            VcpuExit::IoOut { port, data } => {
+                counters.io_out.fetch_add(1, Ordering::Relaxed);
+                shared.pio.write(port, data);
+            }
+            VcpuExit::MmioRead { addr, data } => {
+                counters.mmio_read.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    "MMIO read of {} bytes at {addr:#x}: nothing there",
+                    data.len()
+                );
+                data.fill(0xff);
+            }
+            VcpuExit::MmioWrite { addr, data } => {
+                counters.mmio_write.fetch_add(1, Ordering::Relaxed);
+                debug!("MMIO write of {} bytes at {addr:#x}: dropped", data.len());
+            }
+            VcpuExit::Interrupted => {
+                counters.interrupted.fetch_add(1, Ordering::Relaxed);
+            }
+            VcpuExit::Shutdown => return end(StopReason::TripleFault),
+            VcpuExit::Reset => return end(StopReason::GuestReset),
+            VcpuExit::Halt => {
+                return end(StopReason::Internal(
+                    "the vCPU halted outside the in-kernel interrupt controller".into(),
+                ))
+            }
+            VcpuExit::InternalError { code, rip } => {
+                return end(StopReason::Internal(format!(
+                    "internal error (KVM suberror {code}{}){}",
+                    if code == 1 { ", emulation failure" } else { "" },
+                    rip.map(|r| format!(" at rip {r:#x}")).unwrap_or_default()
+                )))
+            }
+            VcpuExit::FailEntry { reason } => {
+                return end(StopReason::Internal(format!(
+                    "entering the guest failed (hardware reason {reason:#x})"
+                )))
+            }
+            VcpuExit::Other(what) => {
+                return end(StopReason::Internal(format!("unexpected {what}")))
+            }
+        }
+    }
+}
