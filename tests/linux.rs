@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{nmvm, read_until, repo_root, require_kvm};
+use common::{nmvm, repo_root, require_kvm, run_with_deadline, text};
 
 fn debian_vmlinux() -> PathBuf {
     let script = repo_root().join("guest-images/debian-kernel.sh");
@@ -38,29 +38,22 @@ fn stock_debian_kernel_prints_banner_and_command_line() {
     let vmlinux = debian_vmlinux();
     let marker = format!("nmvm-marker-{}", std::process::id());
     let cmdline = format!("earlyprintk=serial console=ttyS0 {marker}");
-    let mut child = nmvm()
-        .args(["run", "--memory", "512M", "--kernel"])
-        .arg(&vmlinux)
-        .args(["--cmdline", &cmdline])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn nmvm");
-    let (found, seen) = read_until(&mut child, Duration::from_secs(180), |s| {
-        s.contains("Linux version")
-            && s.lines()
-                .any(|l| l.contains("Command line:") && l.contains(&marker))
-    });
-    // Stop the VM: SIGTERM must end nmvm cleanly with 128+15.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let status = child.wait().expect("wait nmvm");
-    assert!(
-        found,
-        "no banner and marked command line within 180 s:\n{seen}"
+    // The one-line boot test of the README's "Use in CI" section.
+    let out = run_with_deadline(
+        nmvm()
+            .args(["run", "--memory", "512M", "--kernel"])
+            .arg(&vmlinux)
+            .args(["--cmdline", &cmdline])
+            .args(["--expect", "Linux version"])
+            .args(["--expect", &format!("Command line: .*{marker}")])
+            .args(["--timeout", "180s"]),
+        Duration::from_secs(240),
     );
-    assert_eq!(status.code(), Some(143), "nmvm should end with 128+SIGTERM");
+    let (stdout, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "banner and marked command line expected\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains(&marker));
 }

@@ -1,17 +1,23 @@
 //! The `nmvm` command line.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use regex::Regex;
 
 use crate::verdict;
 
 const EXIT_CODES: &str = "\
 Exit status of `nmvm run`:
   0-249  the guest's own status, written to the exit port (0xf4); 0 also
-         when the guest resets the VM on purpose (i8042 reset, reboot=k)
+         when the guest resets the VM on purpose (i8042 reset, reboot=k),
+         and when every --expect pattern has appeared
   249    also: a guest status in the reserved range 250-255
-  251    a guest kernel panic was seen on the console
+  250    console check failed: an --expect-fail pattern appeared, or the
+         guest ended the run before every --expect pattern appeared
+  251    a guest kernel panic was seen on the console (even if the guest
+         then reset the VM)
   252    the guest triple-faulted or shut down
   253    the hypervisor could not emulate an instruction or failed
   254    timeout
@@ -63,6 +69,82 @@ pub struct RunArgs {
     /// Print boot timings, VM exits and VMM memory to stderr at exit.
     #[arg(long)]
     pub stats: bool,
+    /// End the run after DURATION (e.g. 90, 90s, 1500ms, 2m) with the
+    /// timeout verdict, printing the last console lines.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Also write the console to FILE, unbuffered, so it survives even a
+    /// `kill -9` of nmvm.
+    #[arg(long, value_name = "FILE")]
+    pub serial_log: Option<PathBuf>,
+    /// Do not copy the console to stdout (use with --serial-log).
+    #[arg(long)]
+    pub quiet: bool,
+    /// A regular expression the console must show; repeatable. The run
+    /// succeeds (status 0) and the VM is stopped as soon as every pattern
+    /// has appeared.
+    #[arg(long, value_name = "PATTERN", value_parser = parse_regex)]
+    pub expect: Vec<Regex>,
+    /// A regular expression that fails the run (status 250) as soon as it
+    /// appears on the console; repeatable.
+    #[arg(long, value_name = "PATTERN", value_parser = parse_regex)]
+    pub expect_fail: Vec<Regex>,
+    /// Write a report at exit: `json` to stderr, or `json:FILE` to FILE.
+    /// It has the verdict, exit status, boot timings, VM exits and the
+    /// patterns matched.
+    #[arg(long, value_name = "FORMAT", value_parser = parse_report)]
+    pub report: Option<ReportTarget>,
+}
+
+/// Where `--report` goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportTarget {
+    /// JSON on stderr.
+    JsonStderr,
+    /// JSON in a file.
+    JsonFile(PathBuf),
+}
+
+fn parse_report(s: &str) -> Result<ReportTarget, String> {
+    match s.split_once(':') {
+        None if s == "json" => Ok(ReportTarget::JsonStderr),
+        Some(("json", path)) if !path.is_empty() => Ok(ReportTarget::JsonFile(path.into())),
+        _ => Err(format!(
+            "'{s}' is not a report format: use json or json:FILE"
+        )),
+    }
+}
+
+fn parse_regex(s: &str) -> Result<Regex, String> {
+    Regex::new(s).map_err(|e| {
+        let first = e.to_string();
+        let last = first.lines().last().unwrap_or("invalid").trim().to_string();
+        format!("'{s}' is not a valid regular expression ({last})")
+    })
+}
+
+/// Parses a duration: seconds by default, or with a `ms`, `s`, `m` or `h`
+/// suffix; fractions allowed (`1.5s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration: use e.g. 90, 90s, 1500ms or 2m"))?;
+    if !value.is_finite() || value <= 0.0 {
+        return Err(format!("'{s}' is not a positive duration"));
+    }
+    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("'{s}' is too long"))
 }
 
 /// Default command line for a user-supplied kernel.
@@ -122,6 +204,35 @@ mod tests {
             assert!(!e.is_empty(), "{bad}");
         }
         assert!(parse_size("17179869184T").is_err());
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "abc", "0", "-1s", "1d", "inf", "1e300h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn report_targets() {
+        assert_eq!(parse_report("json"), Ok(ReportTarget::JsonStderr));
+        assert_eq!(
+            parse_report("json:/tmp/r.json"),
+            Ok(ReportTarget::JsonFile("/tmp/r.json".into()))
+        );
+        assert!(parse_report("xml").is_err());
+        assert!(parse_report("json:").is_err());
+    }
+
+    #[test]
+    fn bad_regex_is_explained() {
+        let e = parse_regex("a(").unwrap_err();
+        assert!(e.contains("not a valid regular expression"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The serial console on the host side: guest output to stdout, host input
 //! from stdin, and the terminal mode while a VM runs.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -9,32 +10,59 @@ use std::time::Duration;
 use nmvm_devices::bus::lock;
 use nmvm_devices::serial::SerialDevice;
 
-/// Where guest console output goes.
+use crate::monitor::{ConsoleEvent, ConsoleMonitor};
+
+/// Where guest console output goes: stdout, a log file, and the monitor
+/// that watches it for verdicts.
 pub struct ConsoleOut {
-    stdout: std::io::Stdout,
+    stdout: Option<std::io::Stdout>,
+    log: Option<File>,
+    monitor: Arc<Mutex<ConsoleMonitor>>,
+    on_event: Box<dyn FnMut(ConsoleEvent) + Send>,
 }
 
 impl ConsoleOut {
-    /// Console output to this process's stdout.
-    pub fn stdout() -> Self {
+    /// Console output to stdout (if `stdout`), to `log` (if any), and
+    /// through `monitor`, whose conclusions go to `on_event`.
+    pub fn new(
+        stdout: bool,
+        log: Option<File>,
+        monitor: Arc<Mutex<ConsoleMonitor>>,
+        on_event: Box<dyn FnMut(ConsoleEvent) + Send>,
+    ) -> Self {
         Self {
-            stdout: std::io::stdout(),
+            stdout: stdout.then(std::io::stdout),
+            log,
+            monitor,
+            on_event,
         }
     }
 }
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // Unbuffered: the guest's output must be visible as it arrives, and
-        // survive the VMM being killed.
-        let mut out = self.stdout.lock();
-        out.write_all(buf)?;
-        out.flush()?;
+        // Unbuffered, straight to the file descriptors: the guest's output
+        // must be visible as it arrives and survive nmvm being killed.
+        if let Some(out) = &self.stdout {
+            let mut out = out.lock();
+            // A closed stdout must not stop the guest or the log.
+            let _ = out.write_all(buf).and_then(|()| out.flush());
+        }
+        if let Some(log) = &mut self.log {
+            if let Err(e) = log.write_all(buf) {
+                log::warn!("serial log: {e}; no longer writing it");
+                self.log = None;
+            }
+        }
+        let events = lock(&self.monitor).feed(buf);
+        for event in events {
+            (self.on_event)(event);
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.stdout.lock().flush()
+        Ok(())
     }
 }
 

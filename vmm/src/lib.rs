@@ -9,5 +9,7 @@ pub mod cli;
 pub mod console;
 pub mod hypervisor;
 pub mod metrics;
+pub mod monitor;
+pub mod report;
 pub mod verdict;
 pub mod vm;

@@ -4,9 +4,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use nmvm::cli::{Cli, Command, RunArgs, DEFAULT_LINUX_CMDLINE};
+use nmvm::cli::{Cli, Command, ReportTarget, RunArgs, DEFAULT_LINUX_CMDLINE};
+use nmvm::report::Report;
 use nmvm::verdict::{StopReason, EXIT_VMM_ERROR};
-use nmvm::vm::{self, KernelChoice, RunOutcome, VmConfig};
+use nmvm::vm::{self, ConsoleConfig, KernelChoice, RunOutcome, VmConfig};
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -66,15 +67,37 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
         memory: args.memory,
         cpus: args.cpus,
         started,
+        console: ConsoleConfig {
+            stdout: !args.quiet,
+            serial_log: args.serial_log,
+            expect: args.expect,
+            expect_fail: args.expect_fail,
+        },
+        timeout: args.timeout,
     };
     match vm::run(&cfg) {
         Ok(outcome) => {
             report(&outcome, args.stats);
+            write_report(args.report.as_ref(), &Report::from_outcome(&outcome));
             ExitCode::from(outcome.reason.exit_code())
         }
         Err(e) => {
-            eprintln!("nmvm: {}", error_chain(&e));
+            let message = error_chain(&e);
+            eprintln!("nmvm: {message}");
+            write_report(args.report.as_ref(), &Report::vmm_error(message));
             ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+fn write_report(target: Option<&ReportTarget>, report: &Report) {
+    match target {
+        None => {}
+        Some(ReportTarget::JsonStderr) => eprintln!("{}", report.to_json()),
+        Some(ReportTarget::JsonFile(path)) => {
+            if let Err(e) = std::fs::write(path, report.to_json() + "\n") {
+                eprintln!("nmvm: cannot write the report to {}: {e}", path.display());
+            }
         }
     }
 }
@@ -96,8 +119,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn report(outcome: &RunOutcome, stats: bool) {
-    if outcome.reason != StopReason::GuestExit(0) && outcome.reason != StopReason::GuestReset {
-        eprintln!("nmvm: {}", outcome.reason);
+    let quiet_success = matches!(
+        outcome.reason,
+        StopReason::GuestExit(0) | StopReason::GuestReset | StopReason::ExpectationsMet
+    );
+    if !quiet_success {
+        eprintln!(
+            "nmvm: {} (exit status {})",
+            outcome.reason,
+            outcome.reason.exit_code()
+        );
+    }
+    if matches!(
+        outcome.reason,
+        StopReason::Timeout | StopReason::ExpectationsMissing
+    ) {
+        for (pattern, seen) in &outcome.expectations {
+            if !seen {
+                eprintln!("nmvm: expected pattern never appeared: {pattern}");
+            }
+        }
+        eprintln!("nmvm: last console lines:");
+        for line in &outcome.recent_lines {
+            eprintln!("  | {line}");
+        }
     }
     if !stats {
         return;

@@ -15,6 +15,7 @@ use nmvm_devices::bus::PioBus;
 use nmvm_devices::legacy::{ExitDevice, EXIT_PORT, I8042, I8042_BASE, I8042_LEN};
 use nmvm_devices::serial::{COM1_BASE, COM1_IRQ, SERIAL_LEN};
 use nmvm_devices::{GuestStop, StopVm};
+use regex::Regex;
 use thiserror::Error;
 
 use crate::boot::{self, layout, mptable, BootError, BootSpec};
@@ -22,6 +23,7 @@ use crate::console::{self, ConsoleOut, ConsoleSerial, RawTerminal};
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{HypervisorError, Vcpu, VcpuExit, Vm};
 use crate::metrics;
+use crate::monitor::{ConsoleEvent, ConsoleMonitor};
 use crate::verdict::StopReason;
 
 /// The bundled guest, built from `guest-images/guest` by the build script.
@@ -89,7 +91,28 @@ pub struct VmConfig {
     pub cpus: u8,
     /// When the process started (for boot timings).
     pub started: Instant,
+    /// Console handling.
+    pub console: ConsoleConfig,
+    /// End the run with a timeout verdict after this long.
+    pub timeout: Option<Duration>,
 }
+
+/// Where the console goes and what decides the run from it.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleConfig {
+    /// Copy the console to stdout.
+    pub stdout: bool,
+    /// Also write it to this file, unbuffered.
+    pub serial_log: Option<PathBuf>,
+    /// The run succeeds once all of these have appeared.
+    pub expect: Vec<Regex>,
+    /// The run fails as soon as one of these appears.
+    pub expect_fail: Vec<Regex>,
+}
+
+/// How long a panicking guest may keep printing its report before nmvm
+/// stops it (Linux prints a backtrace, then "---[ end Kernel panic").
+const PANIC_GRACE: Duration = Duration::from_secs(5);
 
 /// Counters kept by the vCPU threads.
 #[derive(Debug, Default)]
@@ -140,6 +163,12 @@ pub struct RunOutcome {
     pub exits: Arc<ExitCounters>,
     /// Process resident memory beyond resident guest RAM, in KiB.
     pub vmm_rss_kib: Option<u64>,
+    /// Time from process start to the guest's first console output.
+    pub first_output: Option<Duration>,
+    /// `--expect` patterns and whether each appeared.
+    pub expectations: Vec<(String, bool)>,
+    /// The last console lines.
+    pub recent_lines: Vec<String>,
 }
 
 /// The stop hook handed to devices and vCPU threads: the first reason wins.
@@ -293,9 +322,39 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         tx: Mutex::new(tx),
     });
 
+    let monitor = Arc::new(Mutex::new(ConsoleMonitor::new(
+        cfg.console.expect.clone(),
+        cfg.console.expect_fail.clone(),
+    )));
+    let log = cfg
+        .console
+        .serial_log
+        .as_ref()
+        .map(|path| {
+            File::create(path).map_err(|source| VmError::File {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()?;
+    let panic_started: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    let on_event = {
+        let control = control.clone();
+        let panic_started = panic_started.clone();
+        move |event| match event {
+            ConsoleEvent::ExpectationsMet => control.request(StopReason::ExpectationsMet),
+            ConsoleEvent::ForbiddenOutput(text) => {
+                control.request(StopReason::ForbiddenOutput(text))
+            }
+            ConsoleEvent::PanicStarted => {
+                panic_started.get_or_init(Instant::now);
+            }
+            ConsoleEvent::PanicEnded => control.request(StopReason::Panic),
+        }
+    };
     let serial = Arc::new(Mutex::new(ConsoleSerial::new(
         vm.irq_line(COM1_IRQ)?,
-        ConsoleOut::stdout(),
+        ConsoleOut::new(cfg.console.stdout, log, monitor.clone(), Box::new(on_event)),
     )));
     let mut pio = PioBus::new();
     let dev_err = |e: nmvm_devices::bus::BusError| VmError::Device(e.to_string());
@@ -361,6 +420,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
                 if sig != 0 {
                     break StopReason::Signal(sig as i32);
                 }
+                if cfg.timeout.is_some_and(|t| cfg.started.elapsed() >= t) {
+                    break StopReason::Timeout;
+                }
+                if panic_started
+                    .get()
+                    .is_some_and(|t| t.elapsed() >= PANIC_GRACE)
+                {
+                    break StopReason::Panic;
+                }
             }
             Err(RecvTimeoutError::Disconnected) => {
                 break StopReason::Vmm("the VM's control channel closed".into())
@@ -375,6 +443,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         }
     }
     let elapsed = cfg.started.elapsed();
+    let monitor = nmvm_devices::bus::lock(&monitor);
+    let reason = reason.resolve(monitor.panicked(), monitor.expectations_missing());
     let vmm_rss_kib =
         metrics::process_rss_kib().map(|rss| rss.saturating_sub(metrics::guest_resident_kib(&mem)));
     drop(vm);
@@ -388,6 +458,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         elapsed,
         exits: shared.exits.clone(),
         vmm_rss_kib,
+        first_output: monitor
+            .first_output()
+            .map(|t| t.saturating_duration_since(cfg.started)),
+        expectations: monitor.expectations(),
+        recent_lines: monitor.recent_lines(),
     })
 }
 
