@@ -57,7 +57,7 @@ fn memory_above_the_mmio_hole_reaches_the_guest() {
 
 #[test]
 fn i8042_reset_ends_the_vm_with_status_zero() {
-    let (code, out, err) = boot(&["--cmdline", "exit=reset", "-v"]);
+    let (code, out, err) = boot(&["--cmdline", "exit=reset"]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(err.contains("the guest reset the VM"), "{err}");
 }

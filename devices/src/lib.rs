@@ -8,7 +8,10 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod netmap;
+pub mod pci;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Arc;
 

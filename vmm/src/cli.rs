@@ -42,6 +42,151 @@ pub enum Command {
     /// Boot a VM: the bundled guest by default, or a Linux kernel.
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
+    /// Boot the bundled guest as an echo appliance on a userspace netmap
+    /// pipe, send it real frames with pkt-gen, and report what came back.
+    Demo(DemoArgs),
+    /// Generate, receive, echo or ping test traffic on a netmap port, like
+    /// netmap's pkt-gen; every received frame is checked.
+    #[command(name = "pkt-gen", after_help = PKTGEN_HELP)]
+    PktGen(PktGenArgs),
+}
+
+const PKTGEN_HELP: &str = "\
+Frames are Ethernet/IPv4/UDP with a sequence number and a pattern in the
+payload, so the receiver can tell intact, corrupt, lost and reordered frames
+apart. Exit status: 0, or 1 if any received frame was corrupt or lost, or 255
+on an error (e.g. the port cannot be opened).
+
+Examples:
+  nmvm pkt-gen -i 'shm:lab{0' -f rx -n 1000000
+  nmvm pkt-gen -i 'shm:lab}0' -f tx -n 1000000 -l 60 -l 1514";
+
+/// Options of `nmvm demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Round trips to make.
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub frames: u64,
+    /// Frames in flight at once.
+    #[arg(short = 'b', long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=200))]
+    pub window: u32,
+}
+
+/// Options of `nmvm pkt-gen` (netmap pkt-gen's letters).
+#[derive(Debug, Args)]
+pub struct PktGenArgs {
+    /// The netmap port: shm:NAME{N / shm:NAME}N, netmap:eth0, vale0:x, …
+    /// (a bare name gets netmap: prepended, as in pkt-gen).
+    #[arg(short = 'i', long = "interface", value_name = "PORT")]
+    pub port: String,
+    /// tx, rx, ping or pong.
+    #[arg(short = 'f', long = "function", value_name = "MODE", default_value = "rx", value_parser = parse_mode)]
+    pub mode: crate::pktgen::Mode,
+    /// Frame length without CRC (60..1514); given twice, lengths vary
+    /// between the two.
+    #[arg(short = 'l', long = "length", value_name = "LEN", value_parser = clap::value_parser!(u16).range(60..=1514))]
+    pub len: Vec<u16>,
+    /// Frames to send or receive; 0 runs until Ctrl-C.
+    #[arg(short = 'n', long = "count", value_name = "N", default_value_t = 0)]
+    pub count: u64,
+    /// Burst size (frames per sync; in ping mode, frames in flight).
+    #[arg(short = 'b', long = "burst", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8192))]
+    pub batch: Option<u32>,
+    /// Report interval in milliseconds.
+    #[arg(
+        short = 'T',
+        long = "report-ms",
+        value_name = "MS",
+        default_value_t = 1000
+    )]
+    pub report_ms: u64,
+    /// Source IP[:PORT].
+    #[arg(short = 's', long = "src-ip", value_name = "IP[:PORT]", value_parser = parse_ip_port)]
+    pub src: Option<([u8; 4], Option<u16>)>,
+    /// Destination IP[:PORT].
+    #[arg(short = 'd', long = "dst-ip", value_name = "IP[:PORT]", value_parser = parse_ip_port)]
+    pub dst: Option<([u8; 4], Option<u16>)>,
+    /// Source MAC.
+    #[arg(short = 'S', long = "src-mac", value_name = "MAC", value_parser = parse_any_mac)]
+    pub src_mac: Option<[u8; 6]>,
+    /// Destination MAC (default broadcast).
+    #[arg(short = 'D', long = "dst-mac", value_name = "MAC", value_parser = parse_any_mac)]
+    pub dst_mac: Option<[u8; 6]>,
+    /// Seconds to wait before starting.
+    #[arg(
+        short = 'w',
+        long = "wait-link",
+        value_name = "SECONDS",
+        default_value_t = 0
+    )]
+    pub wait_link: u64,
+    /// virtio-net header length on the port (0, 10 or 12): a userspace
+    /// pipe created by pkt-gen carries it; frames are sent with a zeroed
+    /// header and received headers are skipped.
+    #[arg(short = 'H', long = "vnet-hdr", value_name = "LEN", value_parser = parse_hdr_len)]
+    pub vnet_hdr_len: Option<u32>,
+    /// Stop receiving after this long without a frame (rx, ping, pong).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+}
+
+fn parse_hdr_len(s: &str) -> Result<u32, String> {
+    match s {
+        "0" => Ok(0),
+        "10" => Ok(10),
+        "12" => Ok(12),
+        _ => Err(format!(
+            "'{s}' is not a virtio-net header length: use 0, 10 or 12"
+        )),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<crate::pktgen::Mode, String> {
+    use crate::pktgen::Mode;
+    match s {
+        "tx" => Ok(Mode::Tx),
+        "rx" => Ok(Mode::Rx),
+        "ping" => Ok(Mode::Ping),
+        "pong" => Ok(Mode::Pong),
+        _ => Err(format!(
+            "'{s}' is not a pkt-gen function: use tx, rx, ping or pong"
+        )),
+    }
+}
+
+fn parse_ip_port(s: &str) -> Result<([u8; 4], Option<u16>), String> {
+    let (ip, port) = match s.split_once(':') {
+        Some((ip, port)) => (
+            ip,
+            Some(
+                port.parse::<u16>()
+                    .map_err(|_| format!("'{port}' is not a UDP port"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    let addr: std::net::Ipv4Addr = ip
+        .parse()
+        .map_err(|_| format!("'{ip}' is not an IPv4 address"))?;
+    Ok((addr.octets(), port))
+}
+
+fn parse_any_mac(s: &str) -> Result<[u8; 6], String> {
+    if s.eq_ignore_ascii_case("ff:ff:ff:ff:ff:ff") {
+        return Ok([0xff; 6]);
+    }
+    parse_mac(s).or_else(|e| {
+        // Multicast destinations are fine for a traffic generator.
+        let mut m = [0u8; 6];
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(e);
+        }
+        for (b, p) in m.iter_mut().zip(parts) {
+            *b = u8::from_str_radix(p, 16).map_err(|_| e.clone())?;
+        }
+        Ok(m)
+    })
 }
 
 /// Options of `nmvm run`.
@@ -55,8 +200,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line. Default for a --kernel: "console=ttyS0
-    /// reboot=k panic=-1"; for the bundled guest: empty (see its words
-    /// exit=N, wait=S, fault=panic|triple|sse).
+    /// reboot=k panic=-1"; for the bundled guest: empty. The bundled guest
+    /// understands exit=N|reset, wait=S, fault=panic|triple|sse, and with
+    /// --net: net=echo|sink|gen|hostile, count=N, len=L or len=MIN-MAX.
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Guest RAM: a number of bytes with an optional K, M, G or T suffix
@@ -66,7 +212,22 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u8,
-    /// Print boot timings, VM exits and VMM memory to stderr at exit.
+    /// Attach the VM's virtio-net device to this netmap port:
+    /// `shm:NAME{N` / `shm:NAME}N` (the two ends of a userspace netmap
+    /// pipe, no kernel module needed), or with the netmap kernel module
+    /// `netmap:eth0`, `netmap:eth0^`, `vale0:vm1`, `netmap:p{1`, …
+    #[arg(long, value_name = "PORT")]
+    pub net: Option<String>,
+    /// Create the userspace pipe of --net with a 12-byte virtio-net header
+    /// in front of every frame, so that checksum and TSO offloads pass
+    /// through to the peer (kernel ports: ask the VALE port for it).
+    #[arg(long)]
+    pub vnet_hdr: bool,
+    /// The virtio-net device's MAC address.
+    #[arg(long, value_name = "MAC", default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
+    pub mac: [u8; 6],
+    /// Print boot timings, VM exits, network counters and VMM memory to
+    /// stderr at exit.
     #[arg(long)]
     pub stats: bool,
     /// End the run after DURATION (e.g. 90, 90s, 1500ms, 2m) with the
@@ -103,6 +264,29 @@ pub enum ReportTarget {
     JsonStderr,
     /// JSON in a file.
     JsonFile(PathBuf),
+}
+
+/// Parses a MAC address such as `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("'{s}' is not a MAC address: use six hex bytes like 52:54:00:12:34:56");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "'{s}' is a multicast address; a NIC needs a unicast one"
+        ));
+    }
+    Ok(mac)
 }
 
 fn parse_report(s: &str) -> Result<ReportTarget, String> {
@@ -215,6 +399,24 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         for bad in ["", "abc", "0", "-1s", "1d", "inf", "1e300h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mac_addresses() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:56"),
+            Ok([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        );
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "zz:54:00:12:34:56",
+            "5:54:00:12:34:56",
+            "01:00:5e:00:00:01",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
         }
     }
 

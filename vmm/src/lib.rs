@@ -7,9 +7,12 @@
 pub mod boot;
 pub mod cli;
 pub mod console;
+pub mod demo;
+pub mod frame;
 pub mod hypervisor;
 pub mod metrics;
 pub mod monitor;
+pub mod pktgen;
 pub mod report;
 pub mod verdict;
 pub mod vm;

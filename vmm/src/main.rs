@@ -4,10 +4,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use nmvm::cli::{Cli, Command, ReportTarget, RunArgs, DEFAULT_LINUX_CMDLINE};
+use nmvm::cli::{Cli, Command, DemoArgs, PktGenArgs, ReportTarget, RunArgs, DEFAULT_LINUX_CMDLINE};
+use nmvm::frame::Endpoints;
+use nmvm::pktgen::{self, Mode, PktGenOptions};
 use nmvm::report::Report;
 use nmvm::verdict::{StopReason, EXIT_VMM_ERROR};
-use nmvm::vm::{self, ConsoleConfig, KernelChoice, RunOutcome, VmConfig};
+use nmvm::vm::{self, ConsoleConfig, KernelChoice, NetSpec, RunOutcome, VmConfig};
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -37,6 +39,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => run(args, started),
+        Command::PktGen(args) => pkt_gen(args),
+        Command::Demo(args) => demo(args, started),
     }
 }
 
@@ -74,6 +78,11 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
             expect_fail: args.expect_fail,
         },
         timeout: args.timeout,
+        net: args.net.map(|port| NetSpec {
+            port,
+            mac: args.mac,
+            vnet_hdr: args.vnet_hdr,
+        }),
     };
     match vm::run(&cfg) {
         Ok(outcome) => {
@@ -90,6 +99,119 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
     }
 }
 
+fn demo(args: DemoArgs, started: Instant) -> ExitCode {
+    println!(
+        "nmvm demo: booting the bundled guest as an echo appliance on a userspace netmap pipe,"
+    );
+    println!(
+        "           then {} round trips of 60-1514 byte frames from pkt-gen ({} in flight)",
+        args.frames, args.window
+    );
+    let r = match nmvm::demo::run(args.frames, args.window as usize, started) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nmvm demo: {e}");
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+    };
+    let t = &r.traffic;
+    let secs = t.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "frames:     {} sent, {} echoed back intact, {} corrupt, {} lost, {} out of order",
+        t.sent, t.intact, t.corrupt, t.lost, t.out_of_order
+    );
+    println!(
+        "rate:       {:.0} round trips/s, {:.1} Mbit/s each way ({:.2} s)",
+        t.received as f64 / secs,
+        t.received_bytes as f64 * 8.0 / secs / 1e6,
+        secs
+    );
+    if let Some((min, avg, max)) = t.rtt_ns {
+        println!(
+            "round trip: min {:.1} us, avg {:.1} us, max {:.1} us",
+            min as f64 / 1e3,
+            avg as f64 / 1e3,
+            max as f64 / 1e3
+        );
+    }
+    if let Some(line) = &r.guest_counters {
+        println!("guest:      {}", line.trim_start_matches("nmvm-guest: "));
+    }
+    if let Some(net) = &r.vm.net {
+        println!("device:     {}", net.counters.summary());
+    }
+    println!(
+        "vm:         {}; VM exits {}",
+        r.vm.reason,
+        r.vm.exits.total()
+    );
+    if r.success() {
+        println!("demo: OK");
+        ExitCode::SUCCESS
+    } else {
+        println!("demo: FAILED");
+        ExitCode::from(1)
+    }
+}
+
+fn pkt_gen(args: PktGenArgs) -> ExitCode {
+    let mut endpoints = Endpoints::default();
+    if let Some((ip, port)) = args.src {
+        endpoints.src_ip = ip;
+        endpoints.src_port = port.unwrap_or(endpoints.src_port);
+    }
+    if let Some((ip, port)) = args.dst {
+        endpoints.dst_ip = ip;
+        endpoints.dst_port = port.unwrap_or(endpoints.dst_port);
+    }
+    endpoints.src_mac = args.src_mac.unwrap_or(endpoints.src_mac);
+    endpoints.dst_mac = args.dst_mac.unwrap_or(endpoints.dst_mac);
+    let lens: Vec<usize> = args.len.iter().map(|&l| usize::from(l)).collect();
+    let len = match lens.as_slice() {
+        [] => (60, 60),
+        [l] => (*l, *l),
+        [a, b, ..] => (*a.min(b), *a.max(b)),
+    };
+    let port = if ["shm:", "netmap:", "vale"]
+        .iter()
+        .any(|p| args.port.starts_with(p))
+    {
+        args.port
+    } else {
+        format!("netmap:{}", args.port)
+    };
+    let batch = args.batch.map_or(
+        match args.mode {
+            Mode::Ping | Mode::Pong => 1,
+            _ => 512,
+        },
+        |b| b as usize,
+    );
+    let opts = PktGenOptions {
+        port,
+        mode: args.mode,
+        len,
+        count: args.count,
+        batch,
+        report: std::time::Duration::from_millis(args.report_ms.max(1)),
+        endpoints,
+        wait_link: std::time::Duration::from_secs(args.wait_link),
+        idle_timeout: args.idle_timeout,
+        verbose: true,
+        vnet_hdr_len: args.vnet_hdr_len,
+        check: true,
+    };
+    let stop = pktgen::stop_on_signals();
+    match pktgen::run(&opts, &stop) {
+        Ok(r) if r.corrupt > 0 || r.lost > 0 => ExitCode::from(1),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nmvm pkt-gen: {}", error_chain(&e));
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
 fn write_report(target: Option<&ReportTarget>, report: &Report) {
     match target {
         None => {}
@@ -100,6 +222,29 @@ fn write_report(target: Option<&ReportTarget>, report: &Report) {
             }
         }
     }
+}
+
+/// Names of the virtio-net feature bits in `f`.
+fn feature_names(f: u64) -> String {
+    const NAMES: [(u32, &str); 11] = [
+        (0, "CSUM"),
+        (1, "GUEST_CSUM"),
+        (5, "MAC"),
+        (7, "GUEST_TSO4"),
+        (8, "GUEST_TSO6"),
+        (11, "HOST_TSO4"),
+        (12, "HOST_TSO6"),
+        (15, "MRG_RXBUF"),
+        (16, "STATUS"),
+        (29, "EVENT_IDX"),
+        (32, "VERSION_1"),
+    ];
+    let names: Vec<&str> = NAMES
+        .iter()
+        .filter(|(bit, _)| f & (1u64 << bit) != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    names.join(" ")
 }
 
 /// An error and its sources on one line.
@@ -119,9 +264,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn report(outcome: &RunOutcome, stats: bool) {
+    // A clean exit says nothing; a reset is worth one line (it is how
+    // Linux guests end, and it looks like a reboot otherwise).
     let quiet_success = matches!(
         outcome.reason,
-        StopReason::GuestExit(0) | StopReason::GuestReset | StopReason::ExpectationsMet
+        StopReason::GuestExit(0) | StopReason::ExpectationsMet
     );
     if !quiet_success {
         eprintln!(
@@ -142,6 +289,24 @@ fn report(outcome: &RunOutcome, stats: bool) {
         eprintln!("nmvm: last console lines:");
         for line in &outcome.recent_lines {
             eprintln!("  | {line}");
+        }
+    }
+    if let Some(net) = &outcome.net {
+        let p = &net.port;
+        let peer_errors = p.bad_index + p.bad_buf_idx + p.bad_len + p.bad_frame;
+        if net.counters.guest_errors()
+            + net.bad_msix_accesses
+            + net.bad_register_accesses
+            + peer_errors
+            > 0
+        {
+            eprintln!(
+                "nmvm: virtio-net dropped bad input: {}; {} bad register and {} bad MSI-X accesses from the guest; {} bad values from the netmap peer",
+                net.counters.summary(),
+                net.bad_register_accesses,
+                net.bad_msix_accesses,
+                peer_errors
+            );
         }
     }
     if !stats {
@@ -169,6 +334,28 @@ fn report(outcome: &RunOutcome, stats: bool) {
         get(&e.interrupted),
         get(&e.other)
     );
+    if let Some(net) = &outcome.net {
+        eprintln!(
+            "  virtio-net              features {:#x} ({}), MSI-X {}",
+            net.features,
+            feature_names(net.features),
+            if net.msix_enabled {
+                "on"
+            } else {
+                "off (polling driver)"
+            }
+        );
+        eprintln!("  virtio-net counters     {}", net.counters.summary());
+        let p = &net.port;
+        eprintln!(
+            "  netmap peer             bad index {}, bad buf_idx {}, bad len {}, bad frames {}, rings repaired {}",
+            p.bad_index, p.bad_buf_idx, p.bad_len, p.bad_frame, p.repaired
+        );
+        eprintln!(
+            "  guest register misuse   {} bad virtio register accesses, {} bad MSI-X table accesses",
+            net.bad_register_accesses, net.bad_msix_accesses
+        );
+    }
     if let Some(kib) = outcome.vmm_rss_kib {
         eprintln!("  VMM resident memory     {kib} KiB beyond resident guest RAM");
     }

@@ -10,10 +10,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
-use nmvm_devices::bus::PioBus;
+use log::{debug, warn};
+use nmvm_devices::bus::{lock, PioBus};
 use nmvm_devices::legacy::{ExitDevice, EXIT_PORT, I8042, I8042_BASE, I8042_LEN};
+use nmvm_devices::netmap::{NetmapError, Port, PortOptions, PortStats};
+use nmvm_devices::pci::{PciConfigIo, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use nmvm_devices::serial::{COM1_BASE, COM1_IRQ, SERIAL_LEN};
+use nmvm_devices::virtio::net::{Net, NetCounters};
+use nmvm_devices::virtio::pci::{TransportStats, VirtioPci};
 use nmvm_devices::{GuestStop, StopVm};
 use regex::Regex;
 use thiserror::Error;
@@ -62,6 +66,15 @@ pub enum VmError {
     /// A device could not be set up.
     #[error("device setup: {0}")]
     Device(String),
+    /// The netmap port could not be opened.
+    #[error("--net {port}: {source}")]
+    Net {
+        /// The port name.
+        port: String,
+        /// Why.
+        #[source]
+        source: Box<NetmapError>,
+    },
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
@@ -95,6 +108,43 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// End the run with a timeout verdict after this long.
     pub timeout: Option<Duration>,
+    /// The VM's network device, if any.
+    pub net: Option<NetSpec>,
+}
+
+/// The virtio-net device's configuration.
+#[derive(Debug, Clone)]
+pub struct NetSpec {
+    /// netmap port name (`shm:NAME{N`, `netmap:eth0`, `vale0:vm1`, …).
+    pub port: String,
+    /// The device's MAC address.
+    pub mac: [u8; 6],
+    /// Carry a 12-byte virtio-net header on the port (offloads).
+    pub vnet_hdr: bool,
+}
+
+/// Where the virtio-net device's BAR 0 sits: the start of the MMIO hole.
+pub const NET_BAR_ADDR: u64 = layout::MMIO_HOLE_START;
+/// PCI slot of the virtio-net device (00:01.0).
+pub const NET_PCI_SLOT: u8 = 1;
+/// MSI-X vectors: one per queue and one for configuration changes.
+const NET_MSIX_VECTORS: usize = 3;
+
+/// What the network device saw during a run.
+#[derive(Debug)]
+pub struct NetOutcome {
+    /// Device counters.
+    pub counters: Arc<NetCounters>,
+    /// Features the driver accepted (the last time it activated).
+    pub features: u64,
+    /// What the netmap layer counted about the peer.
+    pub port: PortStats,
+    /// Bad register accesses (transport) and MSI-X table accesses.
+    pub bad_register_accesses: u64,
+    /// Out-of-range MSI-X table accesses.
+    pub bad_msix_accesses: u64,
+    /// Whether the driver used MSI-X.
+    pub msix_enabled: bool,
 }
 
 /// Where the console goes and what decides the run from it.
@@ -169,6 +219,8 @@ pub struct RunOutcome {
     pub expectations: Vec<(String, bool)>,
     /// The last console lines.
     pub recent_lines: Vec<String>,
+    /// The network device's figures, if the VM had one.
+    pub net: Option<NetOutcome>,
 }
 
 /// The stop hook handed to devices and vCPU threads: the first reason wins.
@@ -191,10 +243,7 @@ impl StopVm for Control {
     fn stop(&self, why: GuestStop) {
         self.request(match why {
             GuestStop::ExitStatus(s) => StopReason::GuestExit(s),
-            GuestStop::Reset => {
-                info!("the guest reset the VM");
-                StopReason::GuestReset
-            }
+            GuestStop::Reset => StopReason::GuestReset,
         });
     }
 }
@@ -203,6 +252,7 @@ impl StopVm for Control {
 struct VcpuShared {
     control: Arc<Control>,
     pio: PioBus,
+    pci: Arc<Mutex<PciRoot>>,
     exits: Arc<ExitCounters>,
     first_exit: OnceLock<Instant>,
 }
@@ -372,10 +422,22 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         Arc::new(Mutex::new(I8042::new(control.clone()))),
     )
     .map_err(dev_err)?;
+    let pci = Arc::new(Mutex::new(PciRoot::new()));
+    pio.insert(
+        CONFIG_ADDRESS_PORT,
+        CONFIG_PORTS_LEN,
+        Arc::new(Mutex::new(PciConfigIo(pci.clone()))),
+    )
+    .map_err(dev_err)?;
+    let net = match &cfg.net {
+        Some(spec) => Some(add_net_device(&vm, &mem, &pci, spec)?),
+        None => None,
+    };
 
     let shared = Arc::new(VcpuShared {
         control: control.clone(),
         pio,
+        pci: pci.clone(),
         exits: Arc::new(ExitCounters::default()),
         first_exit: OnceLock::new(),
     });
@@ -443,6 +505,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         }
     }
     let elapsed = cfg.started.elapsed();
+    let net = net.map(|n| n.finish());
     let monitor = nmvm_devices::bus::lock(&monitor);
     let reason = reason.resolve(monitor.panicked(), monitor.expectations_missing());
     let vmm_rss_kib =
@@ -463,6 +526,72 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             .map(|t| t.saturating_duration_since(cfg.started)),
         expectations: monitor.expectations(),
         recent_lines: monitor.recent_lines(),
+        net,
+    })
+}
+
+/// The live network device, for reading its figures at the end.
+struct NetHandle {
+    pci: Arc<Mutex<VirtioPci>>,
+    counters: Arc<NetCounters>,
+    features: Arc<AtomicU64>,
+    port_stats: Arc<Mutex<PortStats>>,
+    transport: Arc<TransportStats>,
+}
+
+impl NetHandle {
+    /// Stops the device worker and collects the figures.
+    fn finish(self) -> NetOutcome {
+        let mut dev = lock(&self.pci);
+        let bad_msix_accesses = dev.msix_bad_accesses();
+        let msix_enabled = dev.msix_enabled();
+        let features = self.features.load(Ordering::Relaxed);
+        dev.shutdown();
+        let port = *lock(&self.port_stats);
+        NetOutcome {
+            counters: self.counters,
+            features,
+            port,
+            bad_register_accesses: self.transport.bad_accesses.load(Ordering::Relaxed),
+            bad_msix_accesses,
+            msix_enabled,
+        }
+    }
+}
+
+fn add_net_device(
+    vm: &impl Vm,
+    mem: &vm_memory::GuestMemoryMmap,
+    pci: &Arc<Mutex<PciRoot>>,
+    spec: &NetSpec,
+) -> Result<NetHandle, VmError> {
+    let opts = PortOptions {
+        vnet_hdr_len: spec.vnet_hdr.then_some(12),
+        ..PortOptions::default()
+    };
+    let port = Port::open(&spec.port, &opts).map_err(|e| VmError::Net {
+        port: spec.port.clone(),
+        source: Box::new(e),
+    })?;
+    let net = Net::new(spec.mac, port);
+    let counters = net.counters();
+    let features = net.acked_features();
+    let port_stats = net.port_stats();
+    let vectors = vm.msi_vectors(NET_MSIX_VECTORS)?;
+    let dev = VirtioPci::new(Box::new(net), NET_BAR_ADDR, vectors, mem.clone())
+        .map_err(|e| VmError::Device(format!("virtio-net: {e}")))?;
+    for (addr, evt) in dev.notify_eventfds(NET_BAR_ADDR) {
+        vm.register_mmio_notify(addr, &evt)?;
+    }
+    let transport = dev.stats();
+    let dev = Arc::new(Mutex::new(dev));
+    lock(pci).add(NET_PCI_SLOT, dev.clone());
+    Ok(NetHandle {
+        pci: dev,
+        counters,
+        features,
+        port_stats,
+        transport,
     })
 }
 
@@ -514,15 +643,19 @@ fn vcpu_loop<V: Vcpu>(mut vcpu: V, shared: &VcpuShared) {
             }
             VcpuExit::MmioRead { addr, data } => {
                 counters.mmio_read.fetch_add(1, Ordering::Relaxed);
-                debug!(
-                    "MMIO read of {} bytes at {addr:#x}: nothing there",
-                    data.len()
-                );
-                data.fill(0xff);
+                if !lock(&shared.pci).mmio_read(addr, data) {
+                    debug!(
+                        "MMIO read of {} bytes at {addr:#x}: nothing there",
+                        data.len()
+                    );
+                    data.fill(0xff);
+                }
             }
             VcpuExit::MmioWrite { addr, data } => {
                 counters.mmio_write.fetch_add(1, Ordering::Relaxed);
-                debug!("MMIO write of {} bytes at {addr:#x}: dropped", data.len());
+                if !lock(&shared.pci).mmio_write(addr, data) {
+                    debug!("MMIO write of {} bytes at {addr:#x}: dropped", data.len());
+                }
             }
             VcpuExit::Interrupted => {
                 counters.interrupted.fetch_add(1, Ordering::Relaxed);

@@ -1,8 +1,14 @@
 //! The host-testable parts of the bundled nmvm guest.
 //!
-//! Everything here works on byte slices or through the [`PhysMem`] trait, so the same code
-//! that runs on bare metal is unit-tested on the host. The bare-metal binary (`main.rs`)
-//! only adds the entry point, port I/O and the CPU-specific actions.
+//! Everything here works on byte slices or through small traits ([`PhysMem`], and for the
+//! virtio-net driver [`virtio::PciConfig`], [`virtio::Mmio`], [`virtio::Dma`], [`net::Hw`]),
+//! so the same code that runs on bare metal is unit-tested on the host, the driver against a
+//! simulated virtio-net device. The bare-metal binary (`main.rs`) only adds the entry point,
+//! port I/O, MMIO and DMA accessors and the CPU-specific actions.
+//!
+//! Command-line words: `exit=N|reset`, `wait=S`, `fault=panic|triple|sse`, and the packet
+//! modes `net=echo|sink|gen|hostile` with `count=N` and `len=L` / `len=MIN-MAX` (see
+//! [`net`] and [`frame`]).
 //!
 //! Constraints inherited from the guest's execution environment (see DESIGN.md §3): no
 //! `core::fmt`, no floating point, and no code path that can panic. Every access below is
@@ -10,6 +16,10 @@
 //! non-zero constants.
 
 #![cfg_attr(not(test), no_std)]
+
+pub mod frame;
+pub mod net;
+pub mod virtio;
 
 /// Offsets and helpers for the Linux `boot_params` "zero page".
 pub mod boot_params {
@@ -389,6 +399,47 @@ pub enum Exit {
     Reset,
 }
 
+/// A packet mode (`net=...`): the guest drives the virtio-net device, prints its counters
+/// and exits with status 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetMode {
+    /// Send every received frame back with the MACs swapped.
+    Echo,
+    /// Receive, verify and count.
+    Sink,
+    /// Send `count` test frames.
+    Gen,
+    /// Misbehave on purpose, then check that the device recovers after a reset.
+    Hostile,
+}
+
+impl NetMode {
+    /// The word on the command line (and in the counters line).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetMode::Echo => "echo",
+            NetMode::Sink => "sink",
+            NetMode::Gen => "gen",
+            NetMode::Hostile => "hostile",
+        }
+    }
+}
+
+/// Frame lengths of `net=gen` (`len=L` or `len=MIN-MAX`), without CRC, within 60..=1514.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameLen {
+    /// Shortest.
+    pub min: u16,
+    /// Longest.
+    pub max: u16,
+}
+
+impl Default for FrameLen {
+    fn default() -> Self {
+        FrameLen { min: 60, max: 60 }
+    }
+}
+
 /// The guest's behaviour, as chosen on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -398,6 +449,12 @@ pub struct Config {
     pub wait_secs: u32,
     /// `fault=...`.
     pub fault: Option<Fault>,
+    /// `net=echo|sink|gen|hostile`.
+    pub net: Option<NetMode>,
+    /// `count=N`: frames to echo, receive or send (default: forever; gen: 1000).
+    pub count: Option<u64>,
+    /// `len=L` or `len=MIN-MAX`.
+    pub len: FrameLen,
 }
 
 impl Default for Config {
@@ -406,6 +463,26 @@ impl Default for Config {
             exit: Exit::Status(0),
             wait_secs: 0,
             fault: None,
+            net: None,
+            count: None,
+            len: FrameLen::default(),
+        }
+    }
+}
+
+/// Parses `L` or `MIN-MAX`, each a frame length in 60..=1514, `MIN <= MAX`.
+pub fn parse_len(value: &[u8]) -> Option<FrameLen> {
+    let one = |s: &[u8]| {
+        parse_decimal(s)
+            .filter(|n| (frame::MIN_LEN as u64..=frame::MAX_LEN as u64).contains(n))
+            .map(|n| n as u16)
+    };
+    match value.iter().position(|c| *c == b'-') {
+        None => one(value).map(|l| FrameLen { min: l, max: l }),
+        Some(dash) => {
+            let min = one(value.get(..dash)?)?;
+            let max = one(value.get(dash + 1..)?)?;
+            (min <= max).then_some(FrameLen { min, max })
         }
     }
 }
@@ -467,6 +544,17 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
                     _ => return Err(word),
                 });
             }
+            b"net" => {
+                cfg.net = Some(match value {
+                    b"echo" => NetMode::Echo,
+                    b"sink" => NetMode::Sink,
+                    b"gen" => NetMode::Gen,
+                    b"hostile" => NetMode::Hostile,
+                    _ => return Err(word),
+                });
+            }
+            b"count" => cfg.count = Some(parse_decimal(value).ok_or(word)?),
+            b"len" => cfg.len = parse_len(value).ok_or(word)?,
             _ => {}
         }
     }
@@ -948,7 +1036,7 @@ mod tests {
             Ok(Config {
                 exit: Exit::Status(3),
                 wait_secs: 1,
-                fault: None
+                ..Config::default()
             })
         );
         assert_eq!(
@@ -997,6 +1085,83 @@ mod tests {
         );
         assert_eq!(parse_cmdline(b"fault=oops"), Err(&b"fault=oops"[..]));
         assert_eq!(parse_cmdline(b"fault="), Err(&b"fault="[..]));
+    }
+
+    #[test]
+    fn cmdline_net_words() {
+        let c = parse_cmdline(b"console=ttyS0 net=gen count=5000 len=1514").unwrap();
+        assert_eq!(c.net, Some(NetMode::Gen));
+        assert_eq!(c.count, Some(5000));
+        assert_eq!(
+            c.len,
+            FrameLen {
+                min: 1514,
+                max: 1514
+            }
+        );
+        assert_eq!(c.exit, Exit::Status(0));
+        let c = parse_cmdline(b"net=gen len=60-1514").unwrap();
+        assert_eq!(c.len, FrameLen { min: 60, max: 1514 });
+        assert_eq!(c.count, None);
+        let c = parse_cmdline(b"net=gen len=100-100 count=0").unwrap();
+        assert_eq!(c.len, FrameLen { min: 100, max: 100 });
+        assert_eq!(c.count, Some(0));
+        for (w, m) in [
+            ("echo", NetMode::Echo),
+            ("sink", NetMode::Sink),
+            ("gen", NetMode::Gen),
+            ("hostile", NetMode::Hostile),
+        ] {
+            let line = format!("net={w} exit=4");
+            let c = parse_cmdline(line.as_bytes()).unwrap();
+            assert_eq!(c.net, Some(m));
+            assert_eq!(m.as_str(), w);
+        }
+        // Defaults.
+        let c = parse_cmdline(b"").unwrap();
+        assert_eq!(
+            (c.net, c.count, c.len),
+            (None, None, FrameLen { min: 60, max: 60 })
+        );
+    }
+
+    #[test]
+    fn cmdline_net_bad_values() {
+        for bad in [
+            "net=",
+            "net=flood",
+            "net=ECHO",
+            "count=",
+            "count=-1",
+            "count=1k",
+            "count=18446744073709551616",
+            "len=",
+            "len=59",
+            "len=1515",
+            "len=0",
+            "len=60-",
+            "len=-100",
+            "len=200-100",
+            "len=60-1515",
+            "len=59-100",
+            "len=60--100",
+            "len=60-100-200",
+            "len=+60",
+        ] {
+            assert_eq!(
+                parse_cmdline(format!("exit=1 {bad}").as_bytes()),
+                Err(bad.as_bytes()),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_len(b"60"), Some(FrameLen { min: 60, max: 60 }));
+        assert_eq!(
+            parse_len(b"1514-1514"),
+            Some(FrameLen {
+                min: 1514,
+                max: 1514
+            })
+        );
     }
 
     #[test]

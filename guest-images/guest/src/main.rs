@@ -3,18 +3,23 @@
 //!
 //! Its kernel-mode code runs under an instruction emulator that lacks SSE, INT3, POPCNT and
 //! more (DESIGN.md §3), so everything here is integer-only, never touches `core::fmt`, and
-//! has no run-time panic path. The parsing lives in the library, where it is unit-tested.
+//! has no run-time panic path. The parsing, the frame code and the virtio-net driver live in
+//! the library, where they are unit-tested; this file supplies the hardware they drive.
 
 #![no_std]
 #![no_main]
 
 use core::arch::{asm, global_asm};
+use core::cell::UnsafeCell;
 use core::panic::PanicInfo;
 
 use nmvm_guest::mptable::{self, MpError};
+use nmvm_guest::net::{self, Hw, DMA_SIZE};
+use nmvm_guest::virtio::pci::{conf1_address, MMIO_HOLE_END, MMIO_HOLE_START};
+use nmvm_guest::virtio::{Dma, Mmio, PciConfig};
 use nmvm_guest::{
     boot_params, parse_cmdline, read_cmdline, tsc_hz, write_ready_line, BootParams, Exit, Fault,
-    PhysMem, Sink, CMDLINE_MAX, IDENTITY_MAPPED_END,
+    FrameLen, NetMode, PhysMem, Sink, CMDLINE_MAX, IDENTITY_MAPPED_END,
 };
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -35,6 +40,11 @@ const PIT_CMD: u16 = 0x43;
 const PORT_B: u16 = 0x61;
 const I8042_CMD: u16 = 0x64;
 const I8042_PULSE_RESET: u8 = 0xFE;
+/// PCI configuration mechanism #1: address and data ports.
+const PCI_CONFIG_ADDRESS: u16 = 0xCF8;
+const PCI_CONFIG_DATA: u16 = 0xCFC;
+/// Exit status of a net mode that failed (the reason is printed first).
+const NET_FAILURE: u8 = 3;
 
 /// PIT counts for the calibration window: 59659 / 1.193182 MHz = 50 ms, short enough to be
 /// a small part of any `wait=`, long enough that an 8 µs port exit is 0.02 % of it.
@@ -89,6 +99,41 @@ unsafe fn inb(port: u16) -> u8 {
     // SAFETY: `in` touches no memory and no stack; the device effect is the caller's contract.
     unsafe {
         asm!("in al, dx", in("dx") port, out("al") val, options(nomem, nostack, preserves_flags))
+    }
+    val
+}
+
+/// Writes a 16-bit value to I/O port `port`.
+///
+/// # Safety
+/// As for [`outb`]; used for the PCI configuration data port only.
+unsafe fn outw(port: u16, val: u16) {
+    // SAFETY: `out` touches no memory and no stack; the device effect is the caller's contract.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") val, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Writes a 32-bit value to I/O port `port`.
+///
+/// # Safety
+/// As for [`outb`]; used for the PCI configuration ports only.
+unsafe fn outl(port: u16, val: u32) {
+    // SAFETY: `out` touches no memory and no stack; the device effect is the caller's contract.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a 32-bit value from I/O port `port`.
+///
+/// # Safety
+/// As for [`inb`]; used for the PCI configuration data port only.
+unsafe fn inl(port: u16) -> u32 {
+    let val: u32;
+    // SAFETY: `in` touches no memory and no stack; the device effect is the caller's contract.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") val, options(nomem, nostack, preserves_flags))
     }
     val
 }
@@ -268,6 +313,236 @@ fn count_cpus(mem: &GuestMem) -> u32 {
     }
 }
 
+/// The memory the virtio-net driver shares with the device: rings and buffers, in .bss (so
+/// inside the image the VMM loaded, which the e820 map is checked to cover), identity-mapped.
+#[repr(C, align(4096))]
+struct DmaArea(UnsafeCell<[u8; DMA_SIZE]>);
+
+// SAFETY: the guest runs on one vCPU without interrupt handlers, so there is no concurrent
+// Rust access; the area is only reached through raw pointers in `Machine`, whose accessors
+// check every range (the device's concurrent access is what the virtio protocol governs).
+unsafe impl Sync for DmaArea {}
+
+static DMA_AREA: DmaArea = DmaArea(UnsafeCell::new([0; DMA_SIZE]));
+
+/// The bare-metal machine as the virtio-net driver sees it.
+struct Machine {
+    tsc_hz: u64,
+    dma_base: u64,
+}
+
+impl Machine {
+    /// `addr` as a pointer to a `T` inside the DMA area, if the whole `T` is inside it and
+    /// `addr` is aligned for `T`.
+    /// (One subtraction, one comparison and one test: this is on every ring access.)
+    fn dma_ptr<T>(&self, addr: u64) -> Option<*mut T> {
+        const { assert!(core::mem::size_of::<T>() <= DMA_SIZE) };
+        let last = (DMA_SIZE - core::mem::size_of::<T>()) as u64;
+        let align = core::mem::align_of::<T>() as u64;
+        // An address below the base wraps to a huge offset and fails the comparison.
+        let off = addr.wrapping_sub(self.dma_base);
+        (off <= last && addr & (align - 1) == 0).then_some(addr as usize as *mut T)
+    }
+
+    /// `addr` as a pointer to a naturally aligned `T` register in the PCI hole, if it is one.
+    fn mmio_ptr<T>(addr: u64) -> Option<*mut T> {
+        let size = core::mem::size_of::<T>() as u64;
+        (addr >= MMIO_HOLE_START && addr.checked_add(size)? <= MMIO_HOLE_END && addr % size == 0)
+            .then_some(addr as usize as *mut T)
+    }
+
+    /// Selects configuration register `reg` of 00:dev.0 on the address port.
+    fn pci_select(dev: u8, reg: u8) {
+        // SAFETY: writing the conf1 address port only selects a register; no memory effect.
+        unsafe { outl(PCI_CONFIG_ADDRESS, conf1_address(0, dev, 0, reg)) }
+    }
+}
+
+impl Sink for Machine {
+    fn write(&mut self, bytes: &[u8]) {
+        Serial.write(bytes);
+    }
+}
+
+impl PciConfig for Machine {
+    fn pci_read32(&mut self, dev: u8, reg: u8) -> u32 {
+        Self::pci_select(dev, reg);
+        // SAFETY: reading the conf1 data port returns the selected register; no memory effect.
+        unsafe { inl(PCI_CONFIG_DATA) }
+    }
+
+    fn pci_write32(&mut self, dev: u8, reg: u8, val: u32) {
+        Self::pci_select(dev, reg);
+        // SAFETY: writes the selected configuration register (BAR sizing and restoring only);
+        // no effect on memory Rust can see.
+        unsafe { outl(PCI_CONFIG_DATA, val) }
+    }
+
+    fn pci_write16(&mut self, dev: u8, reg: u8, val: u16) {
+        Self::pci_select(dev, reg);
+        // SAFETY: writes the selected 16-bit register (the command register) through the data
+        // port's matching half; the device may then decode its BAR and DMA into the area the
+        // driver gives it, which Rust reaches only through `Machine`'s raw pointers.
+        unsafe { outw(PCI_CONFIG_DATA + u16::from(reg & 2), val) }
+    }
+}
+
+macro_rules! mmio_access {
+    ($read:ident, $write:ident, $t:ty) => {
+        fn $read(&mut self, addr: u64) -> $t {
+            match Self::mmio_ptr::<$t>(addr) {
+                // SAFETY: the address is an aligned register in the PCI hole (device MMIO in the
+                // identity map, never RAM), read once with exactly this width.
+                Some(p) => unsafe { p.read_volatile() },
+                None => <$t>::MAX,
+            }
+        }
+
+        fn $write(&mut self, addr: u64, val: $t) {
+            if let Some(p) = Self::mmio_ptr::<$t>(addr) {
+                // SAFETY: as for the read: an aligned device register, not memory Rust owns.
+                unsafe { p.write_volatile(val) }
+            }
+        }
+    };
+}
+
+impl Mmio for Machine {
+    mmio_access!(mmio_read8, mmio_write8, u8);
+    mmio_access!(mmio_read16, mmio_write16, u16);
+    mmio_access!(mmio_read32, mmio_write32, u32);
+}
+
+impl Dma for Machine {
+    fn dma_read16(&self, addr: u64) -> u16 {
+        // SAFETY: `dma_ptr` checked that the aligned u16 lies inside DMA_AREA, which nothing
+        // else in Rust references; the device may write it, hence the volatile read.
+        self.dma_ptr::<u16>(addr)
+            .map_or(0, |p| unsafe { p.read_volatile() })
+    }
+
+    fn dma_read32(&self, addr: u64) -> u32 {
+        // SAFETY: as in `dma_read16`, for an aligned u32.
+        self.dma_ptr::<u32>(addr)
+            .map_or(0, |p| unsafe { p.read_volatile() })
+    }
+
+    fn dma_write16(&mut self, addr: u64, val: u16) {
+        if let Some(p) = self.dma_ptr::<u16>(addr) {
+            // SAFETY: an aligned u16 inside DMA_AREA (checked), written once, volatile so the
+            // device sees exactly this store.
+            unsafe { p.write_volatile(val) }
+        }
+    }
+
+    fn dma_write32(&mut self, addr: u64, val: u32) {
+        if let Some(p) = self.dma_ptr::<u32>(addr) {
+            // SAFETY: as in `dma_write16`, for an aligned u32.
+            unsafe { p.write_volatile(val) }
+        }
+    }
+
+    fn dma_write64(&mut self, addr: u64, val: u64) {
+        if let Some(p) = self.dma_ptr::<u64>(addr) {
+            // SAFETY: as in `dma_write16`, for an aligned u64 (half a descriptor, written while
+            // the descriptor is the driver's).
+            unsafe { p.write_volatile(val) }
+        }
+    }
+
+    fn dma_bytes(&mut self, addr: u64, len: usize) -> &mut [u8] {
+        match self.dma_ptr::<[u8; 0]>(addr) {
+            Some(p) if (addr - self.dma_base).saturating_add(len as u64) <= DMA_SIZE as u64 => {
+                // SAFETY: [addr, addr + len) lies inside DMA_AREA (checked). The slice borrows
+                // `self` mutably, and `Machine` is the only way to DMA_AREA, so no other Rust
+                // reference to these bytes exists while it lives; the driver asks only for
+                // buffers and rings the device does not own at the time.
+                unsafe { core::slice::from_raw_parts_mut(p.cast::<u8>(), len) }
+            }
+            _ => &mut [],
+        }
+    }
+
+    fn dma_copy(&mut self, src: u64, dst: u64, len: usize) {
+        let end_ok = |a: u64| {
+            a.checked_sub(self.dma_base)
+                .and_then(|off| off.checked_add(len as u64))
+                .is_some_and(|end| end <= DMA_SIZE as u64)
+        };
+        let disjoint =
+            src.saturating_add(len as u64) <= dst || dst.saturating_add(len as u64) <= src;
+        if end_ok(src) && end_ok(dst) && disjoint {
+            // SAFETY: both ranges lie inside DMA_AREA (checked) and do not overlap (checked);
+            // both are buffers the device has returned to the driver.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    src as usize as *const u8,
+                    dst as usize as *mut u8,
+                    len,
+                )
+            }
+        }
+    }
+
+    fn full_barrier(&self) {
+        // A locked read-modify-write that changes nothing: a full fence on x86 without SSE2's
+        // MFENCE, and (no `nomem`) a compiler barrier too.
+        // SAFETY: `lock or [rsp], 0` rewrites the stack slot at rsp with its own value.
+        unsafe { asm!("lock or dword ptr [rsp], 0", options(nostack)) }
+    }
+}
+
+impl Hw for Machine {
+    fn relax(&mut self) {
+        pause();
+    }
+
+    fn ticks(&mut self) -> u64 {
+        rdtsc()
+    }
+
+    fn ticks_per_sec(&self) -> u64 {
+        self.tsc_hz
+    }
+
+    fn dma_area(&self) -> (u64, usize) {
+        (self.dma_base, DMA_SIZE)
+    }
+}
+
+/// Runs a `net=` mode and ends the VM: status 0 after the counters line, 3 after a one-line
+/// reason.
+fn run_net(bp: &BootParams<'_>, mode: NetMode, count: Option<u64>, len: FrameLen) -> ! {
+    let base = DMA_AREA.0.get() as usize as u64;
+    let in_ram = bp.e820().any(|e| {
+        e.kind == boot_params::E820_RAM && e.addr <= base && base + DMA_SIZE as u64 <= e.end()
+    });
+    if !in_ram {
+        print(b"nmvm-guest: virtio: DMA area not in e820 RAM at ");
+        Serial.write_hex(base);
+        print(b"\n");
+        exit(NET_FAILURE);
+    }
+    let tsc_hz = calibrate_tsc().unwrap_or_else(|| {
+        print(b"nmvm-guest: PIT calibration failed, assuming a 2 GHz TSC\n");
+        FALLBACK_TSC_HZ
+    });
+    let mut machine = Machine {
+        tsc_hz,
+        dma_base: base,
+    };
+    match net::run(&mut machine, mode, count, len) {
+        Ok(counters) => {
+            net::write_counters(&mut Serial, mode, &counters);
+            exit(0)
+        }
+        Err(e) => {
+            e.write(&mut Serial);
+            exit(NET_FAILURE)
+        }
+    }
+}
+
 extern "C" fn guest_main(zero_page_addr: u64) -> ! {
     let bp = BootParams::new(zero_page(zero_page_addr));
     let mem = GuestMem { bp };
@@ -306,6 +581,10 @@ extern "C" fn guest_main(zero_page_addr: u64) -> ! {
             print(b"nmvm-guest: the SSE instruction did not stop the VM\n");
         }
         None => {}
+    }
+
+    if let Some(mode) = config.net {
+        run_net(&bp, mode, config.count, config.len);
     }
 
     match config.exit {

@@ -3,13 +3,19 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_irq_routing_entry, kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_regs,
+    kvm_segment, kvm_userspace_memory_region, CpuId, KvmIrqRouting, Msrs, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use log::{debug, warn};
+use nmvm_devices::pci::msix::{MsiMessage, MsiVector};
 use nmvm_devices::Interrupt;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -84,7 +90,9 @@ impl KvmHypervisor {
             .kvm
             .get_msr_index_list()
             .map_err(call_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let vm = Arc::new(vm);
         Ok(KvmVm {
+            routing: Arc::new(GsiRouting::new(vm.clone())),
             vm,
             supported_cpuid: cpuid,
             supported_msrs: msr_list.as_slice().to_vec(),
@@ -95,7 +103,8 @@ impl KvmHypervisor {
 
 /// A KVM virtual machine.
 pub struct KvmVm {
-    vm: VmFd,
+    vm: Arc<VmFd>,
+    routing: Arc<GsiRouting>,
     supported_cpuid: CpuId,
     supported_msrs: Vec<u32>,
     max_memslots: usize,
@@ -157,6 +166,29 @@ impl super::Vm for KvmVm {
         Ok(Arc::new(IrqFdLine { evt, gsi }))
     }
 
+    fn msi_vectors(&self, count: usize) -> Result<Vec<Arc<dyn MsiVector>>> {
+        let mut vectors: Vec<Arc<dyn MsiVector>> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::Call {
+                op: "eventfd",
+                source: e,
+            })?;
+            vectors.push(Arc::new(KvmMsiVector {
+                routing: self.routing.clone(),
+                gsi: self.routing.allocate_gsi()?,
+                evt,
+                connected: Mutex::new(false),
+            }));
+        }
+        Ok(vectors)
+    }
+
+    fn register_mmio_notify(&self, addr: u64, evt: &EventFd) -> Result<()> {
+        self.vm
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(call_err("KVM_IOEVENTFD"))
+    }
+
     fn create_vcpu(&self, id: u8, count: u8, state: &CpuState) -> Result<KvmVcpu> {
         let fd = self
             .vm
@@ -171,6 +203,139 @@ impl super::Vm for KvmVm {
             set_boot_state(&fd, state)?;
         }
         Ok(KvmVcpu { fd })
+    }
+}
+
+/// GSIs the in-kernel IOAPIC owns; MSI routes are numbered after them.
+const IOAPIC_PINS: u32 = 24;
+/// KVM's default routing gives ISA interrupts 0–15 to the PICs as well.
+const PIC_IRQS: u32 = 16;
+
+/// The VM's interrupt routing table. KVM_SET_GSI_ROUTING replaces the
+/// whole table, so the legacy IOAPIC and PIC routes KVM starts with are
+/// kept here beside the MSI routes and pushed together.
+struct GsiRouting {
+    vm: Arc<VmFd>,
+    msi: Mutex<BTreeMap<u32, MsiMessage>>,
+    next_gsi: Mutex<u32>,
+}
+
+fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = chip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+impl GsiRouting {
+    fn new(vm: Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            msi: Mutex::new(BTreeMap::new()),
+            next_gsi: Mutex::new(IOAPIC_PINS),
+        }
+    }
+
+    fn allocate_gsi(&self) -> Result<u32> {
+        let mut next = nmvm_devices::bus::lock(&self.next_gsi);
+        let gsi = *next;
+        *next = next
+            .checked_add(1)
+            .ok_or(HypervisorError::Unsupported("this many interrupt routes"))?;
+        Ok(gsi)
+    }
+
+    /// Sets (or with `None` removes) the MSI route of `gsi` and pushes
+    /// the whole table to KVM.
+    fn set(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<()> {
+        let mut msi = nmvm_devices::bus::lock(&self.msi);
+        match msg {
+            Some(m) => msi.insert(gsi, m),
+            None => msi.remove(&gsi),
+        };
+        let mut entries = Vec::new();
+        for gsi in 0..IOAPIC_PINS {
+            entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for irq in 0..PIC_IRQS {
+            let chip = if irq < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            entries.push(irqchip_entry(irq, chip, irq % 8));
+        }
+        for (&gsi, m) in msi.iter() {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = m.address as u32;
+            e.u.msi.address_hi = (m.address >> 32) as u32;
+            e.u.msi.data = m.data;
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| HypervisorError::Unsupported("this many interrupt routes"))?;
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(call_err("KVM_SET_GSI_ROUTING"))
+    }
+}
+
+/// One MSI vector: a GSI routed to the vector's message, and an irqfd on
+/// it that the device worker writes.
+struct KvmMsiVector {
+    routing: Arc<GsiRouting>,
+    gsi: u32,
+    evt: EventFd,
+    connected: Mutex<bool>,
+}
+
+impl MsiVector for KvmMsiVector {
+    fn set_route(&self, msg: Option<MsiMessage>) {
+        let mut connected = nmvm_devices::bus::lock(&self.connected);
+        let result = match msg {
+            // Route first, then attach the irqfd (older kernels mis-handle
+            // an irqfd on a GSI without a route).
+            Some(m) => self.routing.set(self.gsi, Some(m)).and_then(|()| {
+                if !*connected {
+                    self.routing
+                        .vm
+                        .register_irqfd(&self.evt, self.gsi)
+                        .map_err(call_err("KVM_IRQFD"))?;
+                    *connected = true;
+                }
+                Ok(())
+            }),
+            // Detach the irqfd before removing its route.
+            None => {
+                let detached = if *connected {
+                    self.routing
+                        .vm
+                        .unregister_irqfd(&self.evt, self.gsi)
+                        .map_err(call_err("KVM_IRQFD deassign"))
+                } else {
+                    Ok(())
+                };
+                *connected = false;
+                detached.and_then(|()| self.routing.set(self.gsi, None))
+            }
+        };
+        if let Err(e) = result {
+            warn!("MSI route for GSI {}: {e}", self.gsi);
+        }
+    }
+
+    fn trigger(&self) {
+        if let Err(e) = self.evt.write(1) {
+            warn!("cannot raise MSI on GSI {}: {e}", self.gsi);
+        }
     }
 }
 

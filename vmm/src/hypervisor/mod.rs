@@ -12,9 +12,11 @@ pub mod kvm;
 
 use std::sync::Arc;
 
+use nmvm_devices::pci::msix::MsiVector;
 use nmvm_devices::Interrupt;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Errors from a hypervisor backend.
 #[derive(Debug, Error)]
@@ -187,6 +189,14 @@ pub trait Vm: Send + Sync {
 
     /// A trigger for legacy interrupt line `gsi` (edge, IOAPIC/PIC).
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn Interrupt>>;
+
+    /// `count` MSI vectors for one device, each disconnected until the
+    /// guest programs and unmasks it.
+    fn msi_vectors(&self, count: usize) -> Result<Vec<Arc<dyn MsiVector>>>;
+
+    /// Makes guest writes to MMIO address `addr` signal `evt` without
+    /// leaving the hypervisor.
+    fn register_mmio_notify(&self, addr: u64, evt: &EventFd) -> Result<()>;
 
     /// Creates vCPU `id` (also its APIC ID) of `count`, ready to start from
     /// `state` if it is the boot CPU; application processors wait for
