@@ -58,3 +58,24 @@ boot-metrics N="20": build
     echo "process start -> first guest instruction (first exit): $(median "${first[@]}") ms (median)"
     echo "process start -> guest exited:                         $(median "${verdict[@]}") ms (median)"
     echo "VMM resident memory beyond guest RAM:                  $(median "${rss[@]}") KiB (median)"
+
+# The data-path benchmark: table, JSON and plot (vmm/bench/results.json, vmm/bench/mpps.svg).
+bench: build
+    {{nmvm}} bench --json vmm/bench/results.json --plot vmm/bench/mpps.svg
+
+# The quick benchmark (64 and 1514 bytes; under a minute).
+bench-quick: build
+    {{nmvm}} bench --quick
+
+# Device-worker instructions per 64-byte frame, counted by callgrind (repeatable).
+bench-callgrind N="200000": build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v valgrind >/dev/null || { echo "bench-callgrind needs valgrind (apt-get install valgrind)"; exit 1; }
+    out=$(mktemp -d)
+    valgrind --tool=callgrind --callgrind-out-file="$out/cg.out" --collect-atstart=no \
+        --toggle-collect='*Worker*run*' {{nmvm}} bench --worker-frames {{N}} > "$out/stdout" 2> "$out/stderr"
+    frames=$(awk '/worker frames:/ {print $3}' "$out/stdout")
+    ir=$(awk '/^summary:/ {print $2}' "$out/cg.out")
+    echo "device worker: $ir instructions for $frames frames of 64 bytes = $(( ir / frames )) instructions per frame"
+    rm -rf "$out"

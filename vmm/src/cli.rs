@@ -42,6 +42,10 @@ pub enum Command {
     /// Boot a VM: the bundled guest by default, or a Linux kernel.
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
+    /// Measure the data path: the virtio-net device model and its netmap
+    /// backend driven by a synthetic guest driver, against the copy limit
+    /// (and the tap path) in the same run.
+    Bench(BenchArgs),
     /// Boot the bundled guest as an echo appliance on a userspace netmap
     /// pipe, send it real frames with pkt-gen, and report what came back.
     Demo(DemoArgs),
@@ -60,6 +64,27 @@ on an error (e.g. the port cannot be opened).
 Examples:
   nmvm pkt-gen -i 'shm:lab{0' -f rx -n 1000000
   nmvm pkt-gen -i 'shm:lab}0' -f tx -n 1000000 -l 60 -l 1514";
+
+/// Options of `nmvm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// 64- and 1514-byte frames only, 0.3 s per point (under a minute).
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds per measurement (default 1, or 0.3 with --quick).
+    #[arg(long, value_name = "SECONDS")]
+    pub seconds: Option<f64>,
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Also draw Mpps against frame size as an SVG plot in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Only the device worker's TX path for COUNT 64-byte frames, for
+    /// instruction counting under callgrind (see `just bench-callgrind`).
+    #[arg(long, value_name = "COUNT")]
+    pub worker_frames: Option<u64>,
+}
 
 /// Options of `nmvm demo`.
 #[derive(Debug, Args)]

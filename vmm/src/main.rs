@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use nmvm::cli::{Cli, Command, DemoArgs, PktGenArgs, ReportTarget, RunArgs, DEFAULT_LINUX_CMDLINE};
+use nmvm::cli::{
+    BenchArgs, Cli, Command, DemoArgs, PktGenArgs, ReportTarget, RunArgs, DEFAULT_LINUX_CMDLINE,
+};
 use nmvm::frame::Endpoints;
 use nmvm::pktgen::{self, Mode, PktGenOptions};
 use nmvm::report::Report;
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, started),
         Command::PktGen(args) => pkt_gen(args),
         Command::Demo(args) => demo(args, started),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -97,6 +100,51 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 1.0 });
+    let dur = std::time::Duration::from_secs_f64(secs.clamp(0.05, 60.0));
+    if let Some(n) = args.worker_frames {
+        return match nmvm::bench::worker_frames(n) {
+            Ok(done) => {
+                println!("worker frames: {done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("nmvm bench: {e}");
+                ExitCode::from(EXIT_VMM_ERROR)
+            }
+        };
+    }
+    let sizes: &[usize] = if args.quick {
+        &[64, 1514]
+    } else {
+        &nmvm::bench::SIZES
+    };
+    let report = match nmvm::bench::run(sizes, dur) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nmvm bench: {e}");
+            return ExitCode::from(EXIT_VMM_ERROR);
+        }
+    };
+    print!("{}", nmvm::bench::table(&report));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!("nmvm bench: cannot write {}: {e}", path.display());
+        }
+    }
+    if let Some(path) = &args.plot {
+        if let Err(e) = std::fs::write(path, nmvm::bench::svg(&report)) {
+            eprintln!("nmvm bench: cannot write {}: {e}", path.display());
+        }
+    }
+    for line in nmvm::bench::ratio_lines(&report) {
+        println!("{line}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn demo(args: DemoArgs, started: Instant) -> ExitCode {

@@ -92,6 +92,8 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+#[cfg(any(test, feature = "hostile-peer"))]
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -449,13 +451,26 @@ fn init_region(map: &Mapping, l: &Layout, spec: &ShmSpec, vnet_hdr_len: u32) {
 
 /// Checks a region offered by a peer; returns its layout and header length.
 fn validate_region(map: &Mapping) -> Result<(Layout, u32), String> {
-    if map.len() < std::mem::size_of::<RegionHeader>() {
-        return Err(format!("{} bytes is smaller than the header", map.len()));
+    // SAFETY: `map` is a live mapping of `map.len()` bytes, page aligned,
+    // borrowed for the whole call.
+    unsafe { validate_region_at(map.ptr(), map.len()) }
+}
+
+/// [`validate_region`] on `len` bytes at `base`.
+///
+/// # Safety
+///
+/// `base` must be 8-byte aligned and `len` bytes from it must stay mapped
+/// and readable during the call.
+unsafe fn validate_region_at(base: NonNull<u8>, len: usize) -> Result<(Layout, u32), String> {
+    if len < std::mem::size_of::<RegionHeader>() {
+        return Err(format!("{len} bytes is smaller than the header"));
     }
-    // SAFETY: the header lies inside the mapping (checked above) at its
-    // page-aligned start; it consists of integers only, so any bytes are a
-    // valid value. It is read once: only this copy is used from now on.
-    let h = unsafe { map.ptr().as_ptr().cast::<RegionHeader>().read_volatile() };
+    // SAFETY: the header lies inside the mapping (checked above, and the
+    // caller guarantees the mapping) at its aligned start; it consists of
+    // integers only, so any bytes are a valid value. It is read once: only
+    // this copy is used from now on.
+    let h = unsafe { base.as_ptr().cast::<RegionHeader>().read_volatile() };
     if h.magic != REGION_MAGIC {
         return Err("bad magic (not an nmvm userspace netmap region)".into());
     }
@@ -478,11 +493,10 @@ fn validate_region(map: &Mapping) -> Result<(Layout, u32), String> {
     if !same {
         return Err("offsets or sizes differ from the layout of its geometry".into());
     }
-    if l.region_size > map.len() {
+    if l.region_size > len {
         return Err(format!(
-            "needs {} bytes, the memfd has {}",
-            l.region_size,
-            map.len()
+            "needs {} bytes, the memfd has {len}",
+            l.region_size
         ));
     }
     if !matches!(h.vnet_hdr_len, 0 | 10 | 12) {
@@ -1751,11 +1765,280 @@ impl ControlTask {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Raw access, as a hostile peer has it (unit tests, and the `hostile-peer`
+// feature for integration tests).
+
+/// Unvalidated access to every shared word of a region: control words, ring
+/// headers, slots and buffers. The *values* written are arbitrary; only the
+/// *places* are checked (panics), so nothing outside the region is touched.
+#[cfg(any(test, feature = "hostile-peer"))]
+struct Raw {
+    base: NonNull<u8>,
+    l: Layout,
+}
+
+#[cfg(any(test, feature = "hostile-peer"))]
+impl Raw {
+    /// # Safety
+    ///
+    /// `base` must point to a mapping of at least `l.region_size` bytes laid
+    /// out as `l` (e.g. a port's region and the layout validated from its
+    /// header) that stays mapped while the returned value is used. Its
+    /// control words, ring header words and slots must only be accessed
+    /// atomically, as the ports (and peer processes) do.
+    unsafe fn new(base: NonNull<u8>, l: Layout) -> Raw {
+        Raw { base, l }
+    }
+
+    fn at(&self, ofs: usize, size: usize) -> *mut u8 {
+        assert!(ofs % size == 0 && ofs + size <= self.l.region_size);
+        // SAFETY: `ofs + size` is within the region (asserted), which is
+        // mapped (contract of `new`).
+        unsafe { self.base.as_ptr().add(ofs) }
+    }
+
+    /// Control word on line `line` of the control block.
+    fn word(&self, line: usize) -> &AtomicU32 {
+        assert!(line < CTRL_LINES);
+        let p = self.at(self.l.ctrl_ofs + line * LINE, 4);
+        // SAFETY: `p` is a 4-aligned word inside the live mapping (`at`);
+        // control words are only accessed atomically (contract of `new`).
+        unsafe { AtomicU32::from_ptr(p.cast()) }
+    }
+
+    /// The u32 at byte `ofs` of ring `ring`'s header (A.tx, A.rx, B.tx, B.rx).
+    fn hdr(&self, ring: usize, ofs: usize) -> &AtomicU32 {
+        assert!(ring < 4 && ofs + 4 <= NETMAP_RING_SLOTS_OFFSET);
+        let p = self.at(self.l.ring_ofs[ring] + ofs, 4);
+        // SAFETY: as in `word`: a 4-aligned header word of the live mapping,
+        // accessed only atomically.
+        unsafe { AtomicU32::from_ptr(p.cast()) }
+    }
+
+    fn slot_word(&self, ring: usize, i: u32) -> &AtomicU64 {
+        assert!(ring < 4 && i < self.l.num_slots);
+        let p = self.at(
+            self.l.ring_ofs[ring] + NETMAP_RING_SLOTS_OFFSET + 16 * i as usize,
+            8,
+        );
+        // SAFETY: as in `word`: the first 8-aligned word of slot `i`, inside
+        // the live mapping, accessed only atomically.
+        unsafe { AtomicU64::from_ptr(p.cast()) }
+    }
+
+    fn slot(&self, ring: usize, i: u32) -> Slot {
+        Slot::from_word(self.slot_word(ring, i).load(Ordering::Relaxed))
+    }
+
+    fn set_slot(&self, ring: usize, i: u32, s: Slot) {
+        self.slot_word(ring, i)
+            .store(s.to_word(), Ordering::Relaxed);
+    }
+
+    /// Start of buffer `idx` (`buf_size` bytes are inside the region).
+    fn buf_ptr(&self, idx: u32) -> *mut u8 {
+        assert!(idx < self.l.num_bufs);
+        let bs = self.l.buf_size as usize;
+        assert!(self.l.buf_pool_ofs + (idx as usize + 1) * bs <= self.l.region_size);
+        self.at(self.l.buf_pool_ofs + idx as usize * bs, 1)
+    }
+
+    #[cfg(test)]
+    fn buf(&mut self, idx: u32) -> &mut [u8] {
+        let p = self.buf_ptr(idx);
+        // SAFETY: `buf_size` bytes from `p` are inside the live mapping
+        // (`buf_ptr`); u8 has no invalid values; the borrow of `self` is
+        // exclusive, and the tests use it only on buffers no port reads
+        // meanwhile.
+        unsafe { std::slice::from_raw_parts_mut(p, self.l.buf_size as usize) }
+    }
+}
+
+/// Testing only (cargo feature `hostile-peer`, off by default): lets the
+/// holder of one end of a userspace pipe behave as a hostile peer, writing
+/// arbitrary values where the other end will read them. Not part of the
+/// API; release builds of nmvm do not contain it.
+#[cfg(feature = "hostile-peer")]
+#[doc(hidden)]
+pub mod hostile {
+    use std::marker::PhantomData;
+    use std::sync::atomic::Ordering;
+
+    use super::{cons_kick_line, head_line, tail_line, validate_region_at, Raw};
+    use crate::netmap::abi::NetmapRing;
+    use crate::netmap::{Port, Slot};
+
+    /// A ring, seen from the holder's end.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RingId {
+        /// Our tx ring.
+        Tx,
+        /// Our rx ring (the peer produces into it).
+        Rx,
+        /// The peer's tx ring.
+        PeerTx,
+        /// The peer's rx ring (we produce into it).
+        PeerRx,
+    }
+
+    /// A ring header field.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Field {
+        /// `head`.
+        Head,
+        /// `cur`.
+        Cur,
+        /// `tail`.
+        Tail,
+    }
+
+    /// A control word, seen from the holder's end (see the module docs of
+    /// `shm`, "Control block").
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Word {
+        /// We publish: next slot of the peer's rx ring we fill.
+        TxTail,
+        /// The peer publishes: how far it has released its rx ring.
+        TxHead,
+        /// The peer sets it when it sleeps until `TxTail` moves.
+        TxKick,
+        /// The peer publishes: next slot of our rx ring it fills.
+        RxTail,
+        /// We publish: how far we have released our rx ring.
+        RxHead,
+    }
+
+    /// Unvalidated access to the shared memory of a userspace port.
+    pub struct Hostile<'a> {
+        raw: Raw,
+        end: usize,
+        _port: PhantomData<&'a Port>,
+    }
+
+    impl<'a> Hostile<'a> {
+        /// Raw access to `port`'s pipe, for as long as `port` is borrowed.
+        /// Fails on a kernel port.
+        pub fn new(port: &'a Port) -> Result<Hostile<'a>, String> {
+            if !port.is_userspace() {
+                return Err(format!("{} is not a userspace port", port.name()));
+            }
+            let (base, len) = port.region();
+            // SAFETY: `region` is the port's own page-aligned mapping, which
+            // stays mapped while `port` is borrowed (for the whole call).
+            let (l, _) = unsafe { validate_region_at(base, len)? };
+            let end = l
+                .if_ofs
+                .iter()
+                .position(|&o| o == port.nifp_offset())
+                .ok_or("the port's netmap_if is not in the layout")?;
+            Ok(Hostile {
+                // SAFETY: the layout was validated against this mapping's
+                // header and size; the mapping outlives `'a`, which bounds
+                // the returned value; ports and peers access the shared
+                // words only atomically.
+                raw: unsafe { Raw::new(base, l) },
+                end,
+                _port: PhantomData,
+            })
+        }
+
+        /// Slots per ring.
+        pub fn num_slots(&self) -> u32 {
+            self.raw.l.num_slots
+        }
+
+        /// Bytes per buffer.
+        pub fn buf_size(&self) -> u32 {
+            self.raw.l.buf_size
+        }
+
+        /// Buffers in the pool (valid `buf_idx` are below it).
+        pub fn num_bufs(&self) -> u32 {
+            self.raw.l.num_bufs
+        }
+
+        fn ring(&self, r: RingId) -> usize {
+            let (e, rx) = match r {
+                RingId::Tx => (self.end, 0),
+                RingId::Rx => (self.end, 1),
+                RingId::PeerTx => (1 - self.end, 0),
+                RingId::PeerRx => (1 - self.end, 1),
+            };
+            2 * e + rx
+        }
+
+        fn line(&self, w: Word) -> usize {
+            let (out, inn) = (self.end, 1 - self.end);
+            match w {
+                Word::TxTail => tail_line(out),
+                Word::TxHead => head_line(out),
+                Word::TxKick => cons_kick_line(out),
+                Word::RxTail => tail_line(inn),
+                Word::RxHead => head_line(inn),
+            }
+        }
+
+        fn field_ofs(f: Field) -> usize {
+            match f {
+                Field::Head => std::mem::offset_of!(NetmapRing, head),
+                Field::Cur => std::mem::offset_of!(NetmapRing, cur),
+                Field::Tail => std::mem::offset_of!(NetmapRing, tail),
+            }
+        }
+
+        /// Slot `i` (< num_slots, else panics) of `ring`.
+        pub fn slot(&self, ring: RingId, i: u32) -> Slot {
+            self.raw.slot(self.ring(ring), i)
+        }
+
+        /// Writes slot `i` (< num_slots, else panics) of `ring`, any values.
+        pub fn set_slot(&self, ring: RingId, i: u32, s: Slot) {
+            self.raw.set_slot(self.ring(ring), i, s);
+        }
+
+        /// A header field of `ring`.
+        pub fn header(&self, ring: RingId, f: Field) -> u32 {
+            self.raw
+                .hdr(self.ring(ring), Self::field_ofs(f))
+                .load(Ordering::Acquire)
+        }
+
+        /// Overwrites a header field of `ring`, any value.
+        pub fn set_header(&self, ring: RingId, f: Field, v: u32) {
+            self.raw
+                .hdr(self.ring(ring), Self::field_ofs(f))
+                .store(v, Ordering::Release);
+        }
+
+        /// A control word.
+        pub fn word(&self, w: Word) -> u32 {
+            self.raw.word(self.line(w)).load(Ordering::Acquire)
+        }
+
+        /// Publishes any value in a control word (release, as a sync does).
+        pub fn set_word(&self, w: Word, v: u32) {
+            self.raw.word(self.line(w)).store(v, Ordering::Release);
+        }
+
+        /// Copies `data` to the start of buffer `buf_idx` (< num_bufs and
+        /// `data` no longer than a buffer, else panics).
+        pub fn write_buf(&self, buf_idx: u32, data: &[u8]) {
+            assert!(data.len() <= self.raw.l.buf_size as usize);
+            let p = self.raw.buf_ptr(buf_idx);
+            // SAFETY: `buf_size` bytes from `p` are inside the live mapping
+            // (`buf_ptr`), `data` fits (asserted) and is ordinary memory, not
+            // part of the mapping. No reference into the buffer is created,
+            // so a peer process touching it concurrently only changes bytes.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::netmap::{Port, PortStats, NS_BUF_CHANGED};
-    use std::sync::atomic::AtomicU64;
     use std::sync::mpsc;
 
     /// Runtime directory shared by the tests of this process.
@@ -2086,10 +2369,8 @@ mod tests {
         });
         rx.recv().unwrap();
         // Send only once B sleeps (its need-kick flag is up).
-        let raw = Raw {
-            base: pa.region().0.as_ptr(),
-            l: pa.shm().unwrap().layout(),
-        };
+        // SAFETY: `pa`'s mapping and validated layout; `pa` outlives `raw`.
+        let raw = unsafe { Raw::new(pa.region().0, pa.shm().unwrap().layout()) };
         wait_until(|| raw.word(cons_kick_line(0)).load(Ordering::SeqCst) == 1);
         std::thread::sleep(Duration::from_millis(20));
         assert!(pa.tx_ring().send(b"wake up"));
@@ -2188,63 +2469,6 @@ mod tests {
         clean(&pb.stats());
     }
 
-    /// Raw access to a region, as a hostile peer has it.
-    struct Raw {
-        base: *mut u8,
-        l: Layout,
-    }
-
-    impl Raw {
-        fn word(&self, line: usize) -> &AtomicU32 {
-            // SAFETY: test-only; the line is inside the control block of a
-            // live mapping owned by a port that outlives `self`'s uses.
-            unsafe { AtomicU32::from_ptr(self.base.add(self.l.ctrl_ofs + line * LINE).cast()) }
-        }
-        fn hdr(&self, ring: usize, ofs: usize) -> &AtomicU32 {
-            // SAFETY: as above, inside a ring header.
-            unsafe { AtomicU32::from_ptr(self.base.add(self.l.ring_ofs[ring] + ofs).cast()) }
-        }
-        fn slot(&self, ring: usize, i: u32) -> Slot {
-            // SAFETY: as above, i < num_slots.
-            let w = unsafe {
-                AtomicU64::from_ptr(
-                    self.base
-                        .add(self.l.ring_ofs[ring] + 256 + 16 * i as usize)
-                        .cast(),
-                )
-            };
-            Slot::from_word(w.load(Ordering::Relaxed))
-        }
-        fn set_slot(&self, ring: usize, i: u32, s: Slot) {
-            // SAFETY: as above.
-            let w = unsafe {
-                AtomicU64::from_ptr(
-                    self.base
-                        .add(self.l.ring_ofs[ring] + 256 + 16 * i as usize)
-                        .cast(),
-                )
-            };
-            w.store(s.to_word(), Ordering::Relaxed);
-        }
-        fn buf(&mut self, idx: u32) -> &mut [u8] {
-            assert!(idx < self.l.num_bufs);
-            // SAFETY: test-only; idx is in the pool of a live mapping.
-            unsafe {
-                std::slice::from_raw_parts_mut(
-                    self.base
-                        .add(self.l.buf_pool_offset() + idx as usize * self.l.buf_size as usize),
-                    self.l.buf_size as usize,
-                )
-            }
-        }
-    }
-
-    impl Layout {
-        fn buf_pool_offset(&self) -> usize {
-            self.buf_pool_ofs
-        }
-    }
-
     /// A hostile B writes bad indices, lengths and positions into the shared
     /// rings; A counts them, never crashes, and keeps working once a
     /// well-behaved B attaches.
@@ -2262,10 +2486,9 @@ mod tests {
         let n = 128u32;
         let mut pa = Port::open(&a, &o).unwrap();
         let evil = Port::open(&b, &o).unwrap();
-        let mut raw = Raw {
-            base: evil.region().0.as_ptr(),
-            l: evil.shm().unwrap().layout(),
-        };
+        // SAFETY: `evil`'s mapping and validated layout; `evil` is dropped
+        // only after the last use of `raw` (step 5).
+        let mut raw = unsafe { Raw::new(evil.region().0, evil.shm().unwrap().layout()) };
         let before = pa.stats();
         let bad = 0xffff_fff0u32;
         let mut buf = [0u8; 2048];
@@ -2418,6 +2641,53 @@ mod tests {
         // B repaired A.rx slot 0 (bad buffer the hostile B left there).
         assert_eq!(sb.repaired, 1, "{sb:?}");
         assert_eq!(sb.tx_dropped + sb.rx_dropped, 0, "{sb:?}");
+    }
+
+    /// The testing-only API reaches the words the module docs name, from
+    /// either end, and what it writes is what the other end sees.
+    #[cfg(feature = "hostile-peer")]
+    #[test]
+    fn hostile_api_addresses_the_right_words() {
+        use super::hostile::{Field, Hostile, RingId, Word};
+        let (a, b) = pipe("ha");
+        let mut pa = Port::open(&a, &opts()).unwrap();
+        let pb = Port::open(&b, &opts()).unwrap();
+        let h = Hostile::new(&pb).unwrap();
+        let n = h.num_slots();
+        assert_eq!((n, h.buf_size()), (1024, 2048));
+        // B writes a frame straight into A's rx ring and publishes it.
+        let s = h.slot(RingId::PeerRx, 0);
+        assert!(s.buf_idx < h.num_bufs());
+        h.write_buf(s.buf_idx, b"raw!");
+        h.set_slot(RingId::PeerRx, 0, Slot { len: 4, ..s });
+        h.set_word(Word::TxTail, 1);
+        pa.rxsync().unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(pa.rx_ring().recv(&mut buf), Some(4));
+        assert_eq!(&buf[..4], b"raw!");
+        pa.rxsync().unwrap();
+        assert_eq!(h.word(Word::TxHead), 1, "A released the slot");
+        assert_eq!(h.header(RingId::PeerRx, Field::Tail), 1);
+        // A sends: B sees its tail, and A's own view agrees.
+        assert!(pa.tx_ring().send(b"to b"));
+        pa.txsync().unwrap();
+        assert_eq!(h.word(Word::RxTail), 1);
+        assert_eq!(h.header(RingId::PeerTx, Field::Head), 1);
+        assert_eq!(h.header(RingId::Rx, Field::Tail), 0, "B did not sync");
+        {
+            let ha = Hostile::new(&pa).unwrap();
+            assert_eq!(ha.word(Word::TxTail), 1);
+            assert_eq!(ha.word(Word::RxHead), 1);
+            assert_eq!(ha.header(RingId::Tx, Field::Head), 1);
+            assert_eq!(ha.slot(RingId::PeerRx, 0).len, 4);
+        }
+        // Bad values written by B are counted by A.
+        let before = pa.stats();
+        h.set_word(Word::TxTail, n + 1);
+        h.set_header(RingId::PeerRx, Field::Cur, n + 2);
+        pa.rxsync().unwrap();
+        assert_eq!(pa.stats().bad_index - before.bad_index, 2);
+        h.set_word(Word::TxTail, 1);
     }
 
     /// A hostile creator: the attacher refuses regions whose header lies.

@@ -3,20 +3,25 @@
 //! the queue eventfds and interrupts through an eventfd. It drives the real
 //! device model without any guest CPU, for tests and for `nmvm bench`.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::net::HDR_LEN;
+use super::splitq::{Desc, GuestRam, SplitRing, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use super::{Activation, VirtioInterrupt};
+
+pub use super::splitq::need_event;
 
 /// Size of each driver buffer.
 pub const BUF_SIZE: u64 = 2048;
 const DESC_SIZE: u64 = 16;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// No next descriptor (see `DriverQueue::links`).
+const NO_LINK: u16 = u16::MAX;
 
 /// Interrupts from the device: counted, and signalled on an eventfd the
 /// driver may wait on.
@@ -39,48 +44,76 @@ impl VirtioInterrupt for DriverInterrupt {
     }
 }
 
-/// One split virtqueue as the driver sees it.
+/// One split virtqueue as the driver sees it, with one buffer of
+/// [`BUF_SIZE`] bytes per descriptor. The rings and buffers are translated
+/// to host pointers once, like the device's; the `mem` arguments of the
+/// methods are not used (they keep the API of a driver that goes through
+/// `GuestMemoryMmap`).
 pub struct DriverQueue {
+    ring: SplitRing,
     size: u16,
     desc: u64,
     avail: u64,
     used: u64,
     bufs: u64,
+    /// Host address of buffer 0 (`size` buffers follow).
+    bufs_host: NonNull<u8>,
     free: Vec<u16>,
+    /// The descriptor after each one in a chain posted by `post_chain`
+    /// (`NO_LINK` otherwise), to free whole chains when they come back.
+    links: Vec<u16>,
+    /// Whether `post_chain` was ever used (else `links` is all `NO_LINK`).
+    chains: bool,
     avail_idx: u16,
     last_used: u16,
+    used_seen: u16,
     kicked_at: u16,
     /// Kicks sent.
     pub kicks: u64,
     kick: Arc<EventFd>,
 }
 
-/// `vring_need_event`: whether moving from `old` to `new` crosses `event`.
-pub fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
+// SAFETY: `bufs_host` points into guest memory that the queue's `ring`
+// keeps mapped (it holds a `GuestRam`); the queue is used by one thread at
+// a time, and its accesses to guest memory are argued where they are made.
+unsafe impl Send for DriverQueue {}
 
 impl DriverQueue {
-    /// Lays a queue of `size` entries out at `base` (needs
+    /// Lays a queue of `size` entries out at `base` in `mem` (needs
     /// `Self::footprint(size)` bytes) with one buffer per descriptor.
-    pub fn new(base: u64, size: u16, kick: Arc<EventFd>) -> Self {
+    pub fn new(
+        mem: &GuestMemoryMmap,
+        base: u64,
+        size: u16,
+        kick: Arc<EventFd>,
+    ) -> std::io::Result<Self> {
         let desc = base;
         let avail = desc + DESC_SIZE * u64::from(size);
         let used = (avail + 6 + 2 * u64::from(size) + 4095) & !4095;
         let bufs = (used + 6 + 8 * u64::from(size) + 4095) & !4095;
-        Self {
+        let ram = GuestRam::new(mem).map_err(std::io::Error::other)?;
+        let ring = SplitRing::new(&ram, desc, avail, used, size).map_err(std::io::Error::other)?;
+        let bufs_host = ram
+            .translate(bufs, BUF_SIZE * u64::from(size))
+            .ok_or_else(|| std::io::Error::other("driver buffers outside guest memory"))?;
+        Ok(Self {
+            ring,
             size,
             desc,
             avail,
             used,
             bufs,
+            bufs_host,
             free: (0..size).rev().collect(),
+            links: vec![NO_LINK; usize::from(size)],
+            chains: false,
             avail_idx: 0,
             last_used: 0,
+            used_seen: 0,
             kicked_at: 0,
             kicks: 0,
             kick,
-        }
+        })
     }
 
     /// Bytes a queue of `size` entries needs, buffers included.
@@ -113,49 +146,101 @@ impl DriverQueue {
 
     /// Posts one buffer: `data` for the device to read (TX), or an empty
     /// writable buffer (RX) when `data` is `None`. False if the queue is
-    /// full.
-    pub fn post(&mut self, mem: &GuestMemoryMmap, data: Option<&[u8]>) -> bool {
+    /// full. Visible to the device after [`DriverQueue::publish`].
+    #[inline]
+    pub fn post(&mut self, _mem: &GuestMemoryMmap, data: Option<&[u8]>) -> bool {
         let Some(id) = self.free.pop() else {
             return false;
         };
-        let addr = self.buf_addr(id);
         let (len, flags) = match data {
             Some(d) => {
                 let n = d.len().min(BUF_SIZE as usize);
-                mem.write_slice(&d[..n], GuestAddress(addr))
-                    .expect("buffer in RAM");
+                // SAFETY: the free list only holds ids below `size`, so the
+                // destination is inside buffer `id`, the BUF_SIZE bytes at
+                // `bufs_host + id * BUF_SIZE` in the guest memory that `new`
+                // translated (and `ring` keeps mapped); n <= BUF_SIZE. The
+                // buffer is the driver's until it is published (the device
+                // reads it only after the release store of the avail
+                // index); the bytes are plain data, and `copy` allows `d` to
+                // overlap it.
+                unsafe {
+                    let dst = self
+                        .bufs_host
+                        .as_ptr()
+                        .add(usize::from(id) * BUF_SIZE as usize);
+                    std::ptr::copy(d.as_ptr(), dst, n);
+                }
                 (n as u32, 0u16)
             }
             None => (BUF_SIZE as u32, VIRTQ_DESC_F_WRITE),
         };
-        let d = self.desc + DESC_SIZE * u64::from(id);
-        mem.write_obj(addr, GuestAddress(d)).expect("desc");
-        mem.write_obj(len, GuestAddress(d + 8)).expect("desc");
-        mem.write_obj(flags, GuestAddress(d + 12)).expect("desc");
-        mem.write_obj(0u16, GuestAddress(d + 14)).expect("desc");
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_obj(id, GuestAddress(slot)).expect("avail");
+        self.ring.set_desc(
+            id,
+            Desc {
+                addr: self.buf_addr(id),
+                len,
+                flags,
+                next: 0,
+            },
+        );
+        self.ring.set_avail_entry(self.avail_idx, id);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         true
     }
 
+    /// Posts a chain of descriptors for the given buffers (guest address,
+    /// length, flags: `VIRTQ_DESC_F_WRITE` or 0), linked in that order, and
+    /// returns its head; `None` if there are not enough free descriptors.
+    /// Addresses, lengths and flags are written as given, so tests can make
+    /// any layout, malformed ones included. Visible to the device after
+    /// [`DriverQueue::publish`].
+    pub fn post_chain(&mut self, bufs: &[(u64, u32, u16)]) -> Option<u16> {
+        if bufs.is_empty() || self.free.len() < bufs.len() {
+            return None;
+        }
+        let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
+        self.chains = true;
+        for (k, (&(addr, len, flags), &id)) in bufs.iter().zip(&ids).enumerate() {
+            let next = ids.get(k + 1).copied();
+            let flags = flags | if next.is_some() { VIRTQ_DESC_F_NEXT } else { 0 };
+            self.ring.set_desc(
+                id,
+                Desc {
+                    addr,
+                    len,
+                    flags,
+                    next: next.unwrap_or(0),
+                },
+            );
+            self.links[usize::from(id)] = next.unwrap_or(NO_LINK);
+        }
+        self.post_head(ids[0]);
+        Some(ids[0])
+    }
+
+    /// Puts `head` in the avail ring as it is (say, one outside the table).
+    /// Visible to the device after [`DriverQueue::publish`].
+    pub fn post_head(&mut self, head: u16) {
+        self.ring.set_avail_entry(self.avail_idx, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// The guest address of the buffer of descriptor `id` (each descriptor
+    /// has one, used by [`DriverQueue::post`]).
+    pub fn buf_addr_of(&self, id: u16) -> u64 {
+        self.buf_addr(id)
+    }
+
     /// Publishes posted buffers and kicks the device if it asked for it.
-    pub fn publish(&mut self, mem: &GuestMemoryMmap) {
-        fence(Ordering::Release);
-        mem.store(
-            self.avail_idx,
-            GuestAddress(self.avail + 2),
-            Ordering::Release,
-        )
-        .expect("avail idx");
+    pub fn publish(&mut self, _mem: &GuestMemoryMmap) {
+        if self.avail_idx == self.kicked_at {
+            return;
+        }
+        self.ring.set_avail_idx(self.avail_idx);
+        // The new index must be visible before avail_event is read (the
+        // device does the mirror image: store avail_event, fence, read idx).
         fence(Ordering::SeqCst);
-        let event: u16 = mem
-            .load(
-                GuestAddress(self.used + 4 + 8 * u64::from(self.size)),
-                Ordering::Acquire,
-            )
-            .expect("avail_event");
-        if need_event(event, self.avail_idx, self.kicked_at) {
+        if need_event(self.ring.avail_event(), self.avail_idx, self.kicked_at) {
             self.kicks += 1;
             let _ = self.kick.write(1);
         }
@@ -164,32 +249,40 @@ impl DriverQueue {
 
     /// Asks for an interrupt once the device has used everything posted so
     /// far (or `ahead` entries from now).
-    pub fn request_interrupt(&mut self, mem: &GuestMemoryMmap, ahead: u16) {
+    pub fn request_interrupt(&mut self, _mem: &GuestMemoryMmap, ahead: u16) {
         let ev = self.last_used.wrapping_add(ahead).wrapping_sub(1);
-        mem.store(
-            ev,
-            GuestAddress(self.avail + 4 + 2 * u64::from(self.size)),
-            Ordering::Release,
-        )
-        .expect("used_event");
+        self.ring.set_used_event(ev);
+        // Visible before the caller looks at the used index again.
         fence(Ordering::SeqCst);
+    }
+
+    /// Used entries the driver has not reaped yet.
+    pub fn reap_pending(&self, _mem: &GuestMemoryMmap) -> u16 {
+        self.ring.used_idx().wrapping_sub(self.last_used)
     }
 
     /// Takes the next used buffer: (descriptor, bytes written, buffer
     /// address).
-    pub fn reap(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32, u64)> {
-        let used_idx: u16 = mem
-            .load(GuestAddress(self.used + 2), Ordering::Acquire)
-            .expect("used idx");
-        if used_idx == self.last_used {
-            return None;
+    #[inline]
+    pub fn reap(&mut self, _mem: &GuestMemoryMmap) -> Option<(u16, u32, u64)> {
+        if self.last_used == self.used_seen {
+            self.used_seen = self.ring.used_idx();
+            if self.last_used == self.used_seen {
+                return None;
+            }
         }
-        let elem = self.used + 4 + 8 * u64::from(self.last_used % self.size);
-        let id: u32 = mem.read_obj(GuestAddress(elem)).expect("used elem");
-        let len: u32 = mem.read_obj(GuestAddress(elem + 4)).expect("used elem");
+        let (id, len) = self.ring.used_elem(self.last_used);
         self.last_used = self.last_used.wrapping_add(1);
-        let id = (id as u16) % self.size;
+        // (The size is a power of two: `SplitRing::new` checks.)
+        let id = (id as u16) & (self.size - 1);
         self.free.push(id);
+        if self.chains {
+            let mut next = std::mem::replace(&mut self.links[usize::from(id)], NO_LINK);
+            while next != NO_LINK {
+                self.free.push(next);
+                next = std::mem::replace(&mut self.links[usize::from(next)], NO_LINK);
+            }
+        }
         Some((id, len, self.buf_addr(id)))
     }
 }
@@ -216,8 +309,8 @@ impl SyntheticDriver {
         let rx_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let tx_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         Ok(Self {
-            rx: DriverQueue::new(0x1000, size, rx_kick),
-            tx: DriverQueue::new(0x1000 + per, size, tx_kick),
+            rx: DriverQueue::new(&mem, 0x1000, size, rx_kick)?,
+            tx: DriverQueue::new(&mem, 0x1000 + per, size, tx_kick)?,
             mem,
             interrupt: Arc::new(DriverInterrupt {
                 evt: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -253,9 +346,10 @@ impl SyntheticDriver {
 mod tests {
     use super::*;
     use crate::netmap::{Port, PortOptions};
-    use crate::virtio::net::{Net, F_MRG_RXBUF};
+    use crate::virtio::net::{Net, F_MRG_RXBUF, HDR_NUM_BUFFERS};
     use crate::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
     use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     fn pipe(name: &str) -> (String, String, PortOptions) {
         let dir = std::env::temp_dir().join(format!("nmvm-drv-{name}-{}", std::process::id()));
@@ -397,6 +491,299 @@ mod tests {
         let mut out = [0u8; 2048];
         let len = peer.rx_ring().recv(&mut out).unwrap();
         assert_eq!(&out[..len], &buf[..]);
+        net.reset();
+    }
+
+    /// Frames the peer end `peer` receives within `secs`, until `n`.
+    fn peer_frames(peer: &mut Port, n: usize, secs: u64) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while got.len() < n && Instant::now() < deadline {
+            let _ = peer.wait_rx(Some(Duration::from_millis(20)));
+            while let Some(len) = peer.rx_ring().recv(&mut buf) {
+                got.push(buf[..len].to_vec());
+            }
+            peer.rxsync().unwrap();
+        }
+        got
+    }
+
+    /// Used entries of `q` within `secs`, until `n`: (descriptor, length).
+    fn used(drv: &mut SyntheticDriver, rx: bool, n: usize, secs: u64) -> Vec<(u16, u32)> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while got.len() < n && Instant::now() < deadline {
+            let q = if rx { &mut drv.rx } else { &mut drv.tx };
+            match q.reap(&drv.mem) {
+                Some((id, len, _)) => got.push((id, len)),
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        got
+    }
+
+    /// Writes `data` at guest address `addr`.
+    fn put(drv: &SyntheticDriver, addr: u64, data: &[u8]) {
+        drv.mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn tx_chains_of_every_shape_and_bad_ones_in_between() {
+        let (a, b, opts) = pipe("drvshapes");
+        let dev_port = Port::open(&a, &opts).unwrap();
+        let mut peer = Port::open(&b, &opts).unwrap();
+        let mut drv = SyntheticDriver::new(64).unwrap();
+        let mut net = Net::new([2, 0, 0, 0, 0, 1], dev_port);
+        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX))
+            .unwrap();
+        // Scratch memory after both queues.
+        let scratch = 0x1000 + 2 * DriverQueue::footprint(64);
+        let ram_end = drv.mem.last_addr().0 + 1;
+        let hdr = [0u8; HDR_LEN];
+        let mut want = Vec::new();
+        let mut buf = Vec::new();
+        // One buffer each: the fast path.
+        for seq in 0..10 {
+            let f = frame(seq, 60 + seq as usize);
+            SyntheticDriver::tx_buffer(&f, &mut buf);
+            assert!(drv.tx.post(&drv.mem, Some(&buf)));
+            want.push(f);
+        }
+        // Header and frame in two descriptors.
+        let f = frame(10, 200);
+        put(&drv, scratch, &hdr);
+        put(&drv, scratch + 0x100, &f);
+        drv.tx
+            .post_chain(&[(scratch, HDR_LEN as u32, 0), (scratch + 0x100, 200, 0)])
+            .unwrap();
+        want.push(f);
+        // A frame larger than a netmap buffer, in one descriptor.
+        let f = frame(11, 5000);
+        put(&drv, scratch + 0x1000, &hdr);
+        put(&drv, scratch + 0x1000 + HDR_LEN as u64, &f);
+        drv.tx
+            .post_chain(&[(scratch + 0x1000, (HDR_LEN + 5000) as u32, 0)])
+            .unwrap();
+        want.push(f);
+        // Bad ones: zero length, beyond RAM, straddling the end of RAM,
+        // writable, too short, a head outside the table.
+        let bad = [
+            drv.tx.post_chain(&[(scratch, 0, 0)]).unwrap(),
+            drv.tx.post_chain(&[(ram_end + 0x1000, 100, 0)]).unwrap(),
+            drv.tx.post_chain(&[(ram_end - 50, 100, 0)]).unwrap(),
+            drv.tx
+                .post_chain(&[(scratch, 100, VIRTQ_DESC_F_WRITE)])
+                .unwrap(),
+            drv.tx
+                .post_chain(&[(scratch, (HDR_LEN + 13) as u32, 0)])
+                .unwrap(),
+            drv.tx
+                .post_chain(&[(scratch, HDR_LEN as u32, 0), (ram_end, 100, 0)])
+                .unwrap(),
+        ];
+        drv.tx.post_head(64 + 3);
+        // And one buffer each again.
+        for seq in 12..17 {
+            let f = frame(seq, 64);
+            SyntheticDriver::tx_buffer(&f, &mut buf);
+            assert!(drv.tx.post(&drv.mem, Some(&buf)));
+            want.push(f);
+        }
+        drv.tx.publish(&drv.mem);
+
+        let got = peer_frames(&mut peer, want.len(), 10);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w);
+        }
+        let used = used(&mut drv, false, want.len() + bad.len(), 10);
+        assert_eq!(used.len(), 10 + 2 + bad.len() + 5, "{used:?}");
+        for b in bad {
+            assert!(used.contains(&(b, 0)), "bad chain {b} returned: {used:?}");
+        }
+        let c = net.counters();
+        assert_eq!(c.tx_frames.load(Ordering::Relaxed), want.len() as u64);
+        assert_eq!(c.bad_chains.load(Ordering::Relaxed), bad.len() as u64);
+        assert_eq!(c.bad_heads.load(Ordering::Relaxed), 1);
+        assert_eq!(c.bad_avail_index.load(Ordering::Relaxed), 0);
+        net.reset();
+    }
+
+    #[test]
+    fn rx_frame_waits_for_enough_mergeable_buffers() {
+        let (a, b, opts) = pipe("drvmerge");
+        let dev_port = Port::open(&a, &opts).unwrap();
+        let mut peer = Port::open(&b, &opts).unwrap();
+        let mut drv = SyntheticDriver::new(16).unwrap();
+        let mut net = Net::new([2, 0, 0, 0, 0, 1], dev_port);
+        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX | F_MRG_RXBUF))
+            .unwrap();
+        let scratch = 0x1000 + 2 * DriverQueue::footprint(16);
+        let small = |k: u64| (scratch + k * 0x400, 512u32, VIRTQ_DESC_F_WRITE);
+        // A bad buffer first, then two good ones: not enough for the frame.
+        let bad = drv
+            .rx
+            .post_chain(&[(scratch, 0, VIRTQ_DESC_F_WRITE)])
+            .unwrap();
+        let first = drv.rx.post_chain(&[small(1)]).unwrap();
+        drv.rx.post_chain(&[small(2)]).unwrap();
+        drv.rx.publish(&drv.mem);
+        let f = frame(7, 1514);
+        assert!(peer.tx_ring().send(&f));
+        peer.txsync().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(drv.rx.reap_pending(&drv.mem), 0, "nothing half-delivered");
+        // Two more: the frame takes three (1526 bytes with the header).
+        drv.rx.post_chain(&[small(3)]).unwrap();
+        drv.rx.post_chain(&[small(4)]).unwrap();
+        drv.rx.publish(&drv.mem);
+        let used = used(&mut drv, true, 4, 10);
+        assert_eq!(used.len(), 4, "{used:?}");
+        assert_eq!(used[0], (bad, 0));
+        assert_eq!(used[1], (first, 512));
+        assert_eq!(used[2].1 + used[3].1, 1526 - 512);
+        // The three buffers, in order.
+        let mut data = Vec::new();
+        for (k, &(_, len)) in (1u64..).zip(&used[1..]) {
+            let mut b = vec![0u8; len as usize];
+            drv.mem
+                .read_slice(&mut b, GuestAddress(scratch + k * 0x400))
+                .unwrap();
+            data.extend_from_slice(&b);
+        }
+        // num_buffers is 3; the rest of the header is zero.
+        assert_eq!(&data[..HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0]);
+        assert_eq!(&data[HDR_LEN..], &f[..]);
+        let c = net.counters();
+        assert_eq!(c.rx_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(c.bad_chains.load(Ordering::Relaxed), 1, "counted once");
+        net.reset();
+    }
+
+    #[test]
+    fn buffers_outside_the_largest_region_take_the_slow_path() {
+        let (a, b, opts) = pipe("drvregions");
+        let dev_port = Port::open(&a, &opts).unwrap();
+        let mut peer = Port::open(&b, &opts).unwrap();
+        // Rings and their buffers in the large region, more RAM in a small
+        // one after a hole.
+        let small = 0x1000_0000u64;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x20_0000),
+            (GuestAddress(small), 0x1_0000),
+        ])
+        .unwrap();
+        let kick = || Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let per = DriverQueue::footprint(16);
+        let mut drv = SyntheticDriver {
+            rx: DriverQueue::new(&mem, 0x1000, 16, kick()).unwrap(),
+            tx: DriverQueue::new(&mem, 0x1000 + per, 16, kick()).unwrap(),
+            mem,
+            interrupt: Arc::new(DriverInterrupt {
+                evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                counts: Default::default(),
+            }),
+        };
+        let mut net = Net::new([2, 0, 0, 0, 0, 1], dev_port);
+        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX | F_MRG_RXBUF))
+            .unwrap();
+        // TX: alternately in each region.
+        let mut want = Vec::new();
+        let mut buf = Vec::new();
+        for seq in 0..8u32 {
+            let f = frame(seq, 100);
+            SyntheticDriver::tx_buffer(&f, &mut buf);
+            if seq % 2 == 0 {
+                drv.tx.post(&drv.mem, Some(&buf));
+            } else {
+                let addr = small + u64::from(seq) * 0x400;
+                put(&drv, addr, &buf);
+                drv.tx.post_chain(&[(addr, buf.len() as u32, 0)]).unwrap();
+            }
+            want.push(f);
+        }
+        drv.tx.publish(&drv.mem);
+        assert_eq!(peer_frames(&mut peer, 8, 10), want);
+        // RX: likewise.
+        for k in 0..8u64 {
+            if k % 2 == 0 {
+                drv.rx.post(&drv.mem, None);
+            } else {
+                let addr = small + 0x8000 + k * 0x400;
+                drv.rx
+                    .post_chain(&[(addr, 0x400, VIRTQ_DESC_F_WRITE)])
+                    .unwrap();
+            }
+        }
+        drv.rx.publish(&drv.mem);
+        for seq in 0..8u32 {
+            assert!(peer.tx_ring().send(&frame(seq, 200)));
+        }
+        peer.txsync().unwrap();
+        let used = used(&mut drv, true, 8, 10);
+        assert_eq!(used.len(), 8);
+        for (seq, &(id, len)) in used.iter().enumerate() {
+            assert_eq!(len as usize, HDR_LEN + 200);
+            let addr = if seq % 2 == 0 {
+                drv.rx.buf_addr_of(id)
+            } else {
+                small + 0x8000 + seq as u64 * 0x400
+            };
+            let mut data = vec![0u8; HDR_LEN + 200];
+            drv.mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
+            assert_eq!(data[HDR_NUM_BUFFERS], 1);
+            assert_eq!(&data[HDR_LEN..], &frame(seq as u32, 200)[..]);
+        }
+        assert_eq!(net.counters().guest_errors(), 0);
+        net.reset();
+    }
+
+    /// A peer that corrupts buffer indices in the device's TX ring costs
+    /// it those slots, not the guest's frames (nor the guest's counters).
+    #[cfg(feature = "hostile-peer")]
+    #[test]
+    fn tx_skips_slots_whose_buffer_the_peer_corrupted() {
+        use crate::netmap::shm::hostile::{Hostile, RingId};
+        use crate::netmap::Slot;
+        let (a, b, opts) = pipe("drvbadslot");
+        let dev_port = Port::open(&a, &opts).unwrap();
+        let mut peer = Port::open(&b, &opts).unwrap();
+        {
+            let h = Hostile::new(&peer).unwrap();
+            for i in [0, 1, 2, 5] {
+                let s = h.slot(RingId::PeerTx, i);
+                h.set_slot(
+                    RingId::PeerTx,
+                    i,
+                    Slot {
+                        buf_idx: h.num_bufs() + 7,
+                        ..s
+                    },
+                );
+            }
+        }
+        let mut drv = SyntheticDriver::new(64).unwrap();
+        let mut net = Net::new([2, 0, 0, 0, 0, 1], dev_port);
+        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX))
+            .unwrap();
+        let mut buf = Vec::new();
+        let want: Vec<Vec<u8>> = (0..20).map(|seq| frame(seq, 60 + seq as usize)).collect();
+        for f in &want {
+            SyntheticDriver::tx_buffer(f, &mut buf);
+            assert!(drv.tx.post(&drv.mem, Some(&buf)));
+        }
+        drv.tx.publish(&drv.mem);
+        // The empty frames the bad slots became are dropped by the sync.
+        let got: Vec<Vec<u8>> = peer_frames(&mut peer, want.len(), 10)
+            .into_iter()
+            .filter(|f| !f.is_empty())
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(used(&mut drv, false, want.len(), 10).len(), want.len());
+        let c = net.counters();
+        assert_eq!(c.tx_frames.load(Ordering::Relaxed), want.len() as u64);
+        assert_eq!(c.guest_errors(), 0);
         net.reset();
     }
 

@@ -5,6 +5,8 @@
 pub mod driver;
 pub mod net;
 pub mod pci;
+pub mod splitq;
+pub mod tap;
 
 use std::sync::Arc;
 

@@ -1,13 +1,25 @@
 //! virtio-net with one queue pair whose backend is a netmap port.
 //!
 //! Packets move between descriptor chains and netmap slots in batches on a
-//! device worker thread, never on a vCPU thread. TX copies each chain into
-//! consecutive slots (`NS_MOREFRAG` on all but the last) and syncs once per
-//! batch; RX copies each netmap frame into one or more guest buffers
-//! (`MRG_RXBUF`) and releases the slots once per batch. The guest and the
-//! netmap peer are both untrusted: a bad chain is returned unused and
-//! counted, a bad slot is skipped by the netmap layer and counted, and
-//! nothing is ever read or written outside guest RAM or the port's region.
+//! device worker thread, never on a vCPU thread. The queues are read and
+//! written through host pointers translated once at activation
+//! ([`super::splitq`]), and bytes are copied straight between guest buffers
+//! and netmap buffers.
+//!
+//! TX copies each chain into consecutive slots (`NS_MOREFRAG` on all but the
+//! last); one-buffer chains whose frame fits a slot, the common case, take
+//! a fast path. The used index is published every `CHUNK` frames (an
+//! interrupt only if the driver asked for one), the ring synced every few
+//! hundred slots or when the guest has no more. RX copies each netmap frame
+//! into one or more guest buffers (`MRG_RXBUF`), one-slot frames into
+//! one-buffer chains on a fast path, and releases the slots at the next
+//! sync. No system call, lock, allocation or shared counter update happens
+//! per frame.
+//!
+//! The guest and the netmap peer are both untrusted: a bad chain is
+//! returned unused and counted, a bad slot is skipped by the netmap layer
+//! and counted, and nothing is ever read or written outside guest RAM or
+//! the port's region.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,13 +28,13 @@ use std::thread::JoinHandle;
 
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::splitq::{BadAvailIndex, Chain, DeviceQueue, GuestRam, OneBuf};
 use super::{Activation, VirtioDevice, VirtioInterrupt, F_RING_EVENT_IDX, F_VERSION_1};
 use crate::bus::lock;
-use crate::netmap::{Port, PortStats, NETMAP_MAX_FRAGS, NS_MOREFRAG};
+use crate::netmap::{Port, PortStats, Ring, Slot, NETMAP_MAX_FRAGS, NS_MOREFRAG};
 use std::sync::Mutex;
 
 /// virtio device ID of a network card.
@@ -48,19 +60,19 @@ pub const F_STATUS: u64 = 1 << 16;
 /// Length of the virtio-net header with VERSION_1.
 pub const HDR_LEN: usize = 12;
 /// Offset of `num_buffers` in the header.
-const HDR_NUM_BUFFERS: usize = 10;
+pub(crate) const HDR_NUM_BUFFERS: usize = 10;
 /// Queue size offered for both queues.
 pub const QUEUE_SIZE: u16 = 256;
-const RX: usize = 0;
-const TX: usize = 1;
+pub(crate) const RX: usize = 0;
+pub(crate) const TX: usize = 1;
 /// Chains handled per queue before the worker looks at the other side.
-const BATCH: usize = 256;
+pub(crate) const BATCH: usize = 256;
 /// Shortest frame accepted from the guest: an Ethernet header.
-const MIN_FRAME: usize = 14;
+pub(crate) const MIN_FRAME: usize = 14;
 /// Largest frame (without header) accepted from the guest.
-const MAX_FRAME: usize = 65_535 + 14;
+pub(crate) const MAX_FRAME: usize = 65_535 + 14;
 /// Largest chain, in descriptors, that the device walks.
-const MAX_CHAIN: usize = 64;
+pub(crate) const MAX_CHAIN: usize = super::splitq::MAX_CHAIN;
 
 /// Device counters, readable while it runs.
 #[derive(Debug, Default)]
@@ -120,6 +132,8 @@ impl NetCounters {
 }
 
 struct Running {
+    /// Set, then `stop` written, to end the worker.
+    stopping: Arc<AtomicBool>,
     stop: Arc<EventFd>,
     handle: JoinHandle<Port>,
 }
@@ -204,39 +218,67 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let port = self.port.take().ok_or("the device is already running")?;
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
-        self.acked.store(a.features, Ordering::Relaxed);
-        self.needs_reset.store(false, Ordering::Relaxed);
-        let mut queues = a.queues.into_iter();
-        let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
+        if self.port.is_none() {
+            return Err("the device is already running".into());
+        }
+        let (Some(rxq), Some(txq), Some(rx_kick), Some(tx_kick)) = (
+            a.queues.get(RX),
+            a.queues.get(TX),
+            a.kicks.get(RX),
+            a.kicks.get(TX),
+        ) else {
             return Err("virtio-net needs two queues".into());
         };
+        // The rings are translated once; a layout outside guest RAM (or
+        // across regions) is refused here, and the transport reports
+        // DEVICE_NEEDS_RESET.
+        let ram = GuestRam::new(&a.mem)?;
+        let rxq = DeviceQueue::new(&ram, rxq).map_err(|e| format!("receive queue: {e}"))?;
+        let txq = DeviceQueue::new(&ram, txq).map_err(|e| format!("transmit queue: {e}"))?;
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let port = self.port.take().ok_or("the device is already running")?;
+        self.acked.store(a.features, Ordering::Relaxed);
+        self.needs_reset.store(false, Ordering::Relaxed);
         let worker = Worker {
-            mem: a.mem,
+            ram,
             rxq,
             txq,
-            rx_kick: a.kicks[RX].clone(),
-            tx_kick: a.kicks[TX].clone(),
+            rx_kick: rx_kick.clone(),
+            tx_kick: tx_kick.clone(),
             interrupt: a.interrupt,
+            port_hdr: port.virtio_net_hdr_len() as usize == HDR_LEN,
             port,
             mergeable: a.features & F_MRG_RXBUF != 0,
             counters: self.counters.clone(),
             needs_reset: self.needs_reset.clone(),
             port_stats: self.port_stats.clone(),
             stop: stop.clone(),
-            descs: Vec::with_capacity(MAX_CHAIN),
+            stopping: stopping.clone(),
+            chain: Chain::default(),
+            spans: [Span {
+                ptr: std::ptr::null(),
+                len: 0,
+            }; NETMAP_MAX_FRAGS + 1],
+            tx_unsynced: 0,
+            ones: Box::new([OneBuf::default(); CHUNK]),
+            tally: Tally::default(),
         };
         let handle = std::thread::Builder::new()
             .name("nmvm-net".into())
             .spawn(move || worker.run())
             .map_err(|e| format!("cannot start the device worker: {e}"))?;
-        self.running = Some(Running { stop, handle });
+        self.running = Some(Running {
+            stopping,
+            stop,
+            handle,
+        });
         Ok(())
     }
 
     fn reset(&mut self) {
         if let Some(r) = self.running.take() {
+            r.stopping.store(true, Ordering::Relaxed);
             let _ = r.stop.write(1);
             match r.handle.join() {
                 Ok(port) => self.port = Some(port),
@@ -258,34 +300,13 @@ impl Drop for Net {
     }
 }
 
-/// Why a chain is dropped.
-#[derive(Debug)]
-enum ChainError {
-    /// Empty chain: the avail entry names a descriptor outside the table.
-    BadHead,
-    /// Anything else wrong with it.
-    Bad(&'static str),
-}
-
-struct Worker {
-    mem: GuestMemoryMmap,
-    rxq: Queue,
-    txq: Queue,
-    rx_kick: Arc<EventFd>,
-    tx_kick: Arc<EventFd>,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    port: Port,
-    mergeable: bool,
-    counters: Arc<NetCounters>,
-    needs_reset: Arc<AtomicBool>,
-    port_stats: Arc<Mutex<PortStats>>,
-    stop: Arc<EventFd>,
-    descs: Vec<Descriptor>,
-}
+pub(crate) use super::splitq::ChainError;
 
 /// Walks a chain into `out`, checking every descriptor against guest RAM
-/// and the expected direction. Returns the total length.
-fn collect_chain<I: Iterator<Item = Descriptor>>(
+/// and the expected direction. Returns the total length. (The `virtio_queue`
+/// walk, for devices that still use it; the netmap worker uses
+/// [`DeviceQueue::walk`].)
+pub(crate) fn collect_chain<I: Iterator<Item = Descriptor>>(
     mem: &GuestMemoryMmap,
     chain: I,
     writable: bool,
@@ -322,6 +343,106 @@ fn collect_chain<I: Iterator<Item = Descriptor>>(
     Ok(total)
 }
 
+/// Counts of one batch, added to the shared [`NetCounters`] once per batch.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    tx_frames: u64,
+    tx_bytes: u64,
+    rx_frames: u64,
+    rx_bytes: u64,
+    bad_chains: u64,
+    bad_heads: u64,
+    rx_too_big: u64,
+}
+
+impl Tally {
+    fn flush(&mut self, c: &NetCounters) {
+        for (n, counter) in [
+            (self.tx_frames, &c.tx_frames),
+            (self.tx_bytes, &c.tx_bytes),
+            (self.rx_frames, &c.rx_frames),
+            (self.rx_bytes, &c.rx_bytes),
+            (self.bad_chains, &c.bad_chains),
+            (self.bad_heads, &c.bad_heads),
+            (self.rx_too_big, &c.rx_too_big),
+        ] {
+            if n != 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        *self = Tally::default();
+    }
+}
+
+/// A run of bytes to copy to the guest: the header we make up, or a netmap
+/// fragment.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: a span is an address and a length; it does not access memory by
+// itself, and the worker only fills and reads spans within one batch, while
+// the port (and the static header) they point into are alive.
+unsafe impl Send for Span {}
+
+/// The virtio-net header of a frame whose port carries none (num_buffers is
+/// patched in the guest's copy).
+static ZERO_HDR: [u8; HDR_LEN] = [0; HDR_LEN];
+
+/// Frames the netmap worker moves per queue before it looks at the other
+/// queue.
+const WORKER_BATCH: usize = 256;
+
+/// Frames the fast paths handle between two publications of the used
+/// index. Smaller than a queue, so that a driver that asked to be
+/// interrupted half-way through the ring hears of it while the device still
+/// has work, and refills it before the device runs dry.
+const CHUNK: usize = 64;
+
+/// TX slots the worker fills before it hands them to the peer (a sync,
+/// and a wake-up if the peer sleeps), while the guest keeps it busy.
+const TX_SYNC_SLOTS: u32 = 256;
+
+/// Most guest buffers one received frame may fill (mergeable buffers).
+const MAX_RX_BUFS: usize = 64;
+
+struct Worker {
+    ram: GuestRam,
+    rxq: DeviceQueue,
+    txq: DeviceQueue,
+    rx_kick: Arc<EventFd>,
+    tx_kick: Arc<EventFd>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    port: Port,
+    /// The port's frames carry the virtio-net header.
+    port_hdr: bool,
+    mergeable: bool,
+    counters: Arc<NetCounters>,
+    needs_reset: Arc<AtomicBool>,
+    port_stats: Arc<Mutex<PortStats>>,
+    stop: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
+    /// Scratch: the chain being handled.
+    chain: Chain,
+    /// Scratch: the spans of the frame being received.
+    spans: [Span; NETMAP_MAX_FRAGS + 1],
+    /// TX slots filled since the last txsync.
+    tx_unsynced: u32,
+    /// Scratch: one-buffer chains for the fast paths.
+    ones: Box<[OneBuf; CHUNK]>,
+    tally: Tally,
+}
+
+/// What happened to one received frame.
+enum Deliver {
+    Done,
+    Dropped,
+    NoBuffers,
+    QueueBroken,
+}
+
 impl Worker {
     fn run(mut self) -> Port {
         let mut fds = [
@@ -347,7 +468,8 @@ impl Worker {
             },
         ];
         let mut tx_waits_for_port = false;
-        let mut rx_waits_for_guest = false;
+        // The avail index at which the receive queue ran out of buffers.
+        let mut rx_waits_for_guest: Option<u16> = None;
         loop {
             let mut progress = false;
             if !self.needs_reset.load(Ordering::Relaxed) {
@@ -358,20 +480,25 @@ impl Worker {
                 progress |= moved;
                 rx_waits_for_guest = blocked;
             }
+            if self.stopping.load(Ordering::Relaxed) {
+                break;
+            }
             if progress {
                 continue;
-            }
-            if self.stop.read().is_ok() {
-                break;
             }
             // About to sleep: ask the guest and the peer for notifications
             // about exactly what we wait for, then look once more so that
             // no kick or frame slips in between. Frames waiting for guest
             // buffers must not keep the worker awake.
-            let tx_more = self.txq.enable_notification(&self.mem).unwrap_or(false);
-            let rx_more =
-                rx_waits_for_guest && self.rxq.enable_notification(&self.mem).unwrap_or(false);
-            let (want_rx, want_tx) = (!rx_waits_for_guest, tx_waits_for_port);
+            let mut guest_more = false;
+            if !self.needs_reset.load(Ordering::Relaxed) {
+                let tx_more = self.txq.enable_notifications().unwrap_or(true);
+                guest_more |= tx_more && !tx_waits_for_port;
+                if let Some(at) = rx_waits_for_guest {
+                    guest_more |= self.rxq.enable_notifications_past(at).unwrap_or(true);
+                }
+            }
+            let (want_rx, want_tx) = (rx_waits_for_guest.is_none(), tx_waits_for_port);
             let port_ready = match self.port.prepare_wait(want_rx, want_tx) {
                 Ok(ready) => ready,
                 Err(e) => {
@@ -379,7 +506,7 @@ impl Worker {
                     false
                 }
             };
-            if (tx_more && !tx_waits_for_port) || rx_more || port_ready {
+            if guest_more || port_ready {
                 continue;
             }
             *lock(&self.port_stats) = self.port.stats();
@@ -396,14 +523,14 @@ impl Worker {
                 continue;
             }
             self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
-            for kick in [&self.tx_kick, &self.rx_kick] {
-                if kick.read().is_ok() {
+            // Clear what fired, and only that (each is a system call).
+            for (fd, kick) in fds.iter().zip([&self.tx_kick, &self.rx_kick]) {
+                if fd.revents != 0 && kick.read().is_ok() {
                     self.counters.kicks.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            self.port.ack_wakeup();
-            if fds[2].revents != 0 {
-                break;
+            if fds[3].revents != 0 {
+                self.port.ack_wakeup();
             }
         }
         *lock(&self.port_stats) = self.port.stats();
@@ -421,385 +548,713 @@ impl Worker {
         self.interrupt.signal_config();
     }
 
-    fn signal(&mut self, queue: usize) {
+    /// Publishes what `queue` used in this batch and interrupts the driver
+    /// if it asked for it.
+    fn finish_batch(&mut self, queue: usize) {
         let q = if queue == RX {
             &mut self.rxq
         } else {
             &mut self.txq
         };
-        if q.needs_notification(&self.mem).unwrap_or(true) {
-            self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
-            self.interrupt.signal_queue(queue as u16);
-        }
+        publish(q, queue, &*self.interrupt, &self.counters);
+        self.tally.flush(&self.counters);
     }
 
-    /// Guest → port. Returns whether anything moved, and whether the
-    /// guest has more to send than the port has room for.
+    /// Guest → port. Returns whether any avail entry was consumed, and
+    /// whether the guest has more to send than the port has room for.
     fn process_tx(&mut self) -> (bool, bool) {
-        let _ = self.txq.disable_notification(&self.mem);
-        let skip = if self.port.virtio_net_hdr_len() as usize == HDR_LEN {
-            0
-        } else {
-            HDR_LEN
-        };
-        let mut used = 0usize;
+        self.txq.disable_notifications();
+        let skip = if self.port_hdr { 0 } else { HDR_LEN };
+        let Self {
+            ram,
+            txq,
+            port,
+            chain,
+            ones,
+            tally,
+            tx_unsynced,
+            interrupt,
+            counters,
+            ..
+        } = self;
+        let tx = port.tx_ring();
+        // A fragment's length must fit the 16-bit slot length.
+        let bs = (tx.buf_size() as usize).min(usize::from(u16::MAX));
+        let start = tx.cur();
+        let mut cur = start;
+        let mut room = tx.space_from_cur() as usize;
         let mut blocked = false;
-        for _ in 0..BATCH {
-            let chain = match self.txq.iter(&self.mem) {
-                Ok(mut it) => match it.next() {
-                    Some(c) => c,
-                    None => break,
-                },
-                Err(virtio_queue::Error::InvalidAvailRingIndex) => {
-                    self.bad_avail();
-                    break;
-                }
-                Err(e) => {
-                    debug!("virtio-net tx: {e}");
-                    break;
-                }
-            };
-            let head = chain.head_index();
-            let total = match collect_chain(&self.mem, chain, false, &mut self.descs) {
-                Ok(t) if t >= skip + MIN_FRAME && t - skip <= MAX_FRAME => t,
-                Ok(_) => {
-                    self.drop_chain(TX, head, "frame length out of range");
-                    used += 1;
-                    continue;
-                }
-                Err(ChainError::BadHead) => {
-                    self.counters.bad_heads.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                Err(ChainError::Bad(why)) => {
-                    self.drop_chain(TX, head, why);
-                    used += 1;
-                    continue;
-                }
-            };
-            let frame_len = total - skip;
-            let tx = self.port.tx_ring();
-            let buf_size = tx.buf_size() as usize;
-            let slots = frame_len.div_ceil(buf_size).max(1);
-            if slots > NETMAP_MAX_FRAGS {
-                self.drop_chain(TX, head, "frame needs too many netmap slots");
-                used += 1;
-                continue;
-            }
-            if (tx.space_from_cur() as usize) < slots {
-                // The peer is behind: keep the chain for later.
-                self.txq.go_to_previous_position();
-                blocked = true;
+        let (waiting, broken) = match txq.pending() {
+            Ok(n) => (usize::from(n).min(WORKER_BATCH), false),
+            Err(BadAvailIndex) => (0, true),
+        };
+        let (mut frames, mut bytes) = (0usize, 0usize);
+        let mut k = 0;
+        while k < waiting {
+            // The fast path: a run of one-buffer chains, one slot each.
+            let n = (waiting - k).min(room).min(CHUNK);
+            let lens = (skip + MIN_FRAME) as u32..=(skip + bs) as u32;
+            let m = txq.peek_simple(ram, k as u16, false, lens, &mut ones[..n]);
+            let (done, b) = ones_to_slots(txq, &ones[..m], skip, tx, &mut cur);
+            bytes += b;
+            room -= done;
+            k += done;
+            frames += done;
+            if k == waiting {
                 break;
             }
-            if !copy_chain_to_slots(&self.mem, &self.descs, skip, frame_len, tx) {
-                // Cannot happen after the range checks, but never trust it.
-                self.drop_chain(TX, head, "copy failed");
-                used += 1;
+            if done == CHUNK {
+                publish(txq, TX, &**interrupt, counters);
                 continue;
             }
-            let _ = self.txq.add_used(&self.mem, head, 0);
-            used += 1;
-            self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .tx_bytes
-                .fetch_add(frame_len as u64, Ordering::Relaxed);
+            // Anything else, one chain.
+            let head = txq.peek(k as u16);
+            let why = match txq.walk(ram, head, false, chain) {
+                Err(ChainError::BadHead) => {
+                    tally.bad_heads += 1;
+                    k += 1;
+                    continue;
+                }
+                Err(ChainError::Bad(why)) => why,
+                Ok(total) => match total.checked_sub(skip) {
+                    Some(len) if (MIN_FRAME..=MAX_FRAME).contains(&len) => {
+                        let slots = len.div_ceil(bs);
+                        if slots > NETMAP_MAX_FRAGS {
+                            "frame needs too many netmap slots"
+                        } else if room < slots {
+                            // The peer is behind: keep the chain for later.
+                            blocked = true;
+                            break;
+                        } else {
+                            match chain_to_slots(chain, skip, tx, cur, bs) {
+                                Ok(next) => {
+                                    cur = next;
+                                    room -= slots;
+                                    txq.push_used(head, 0);
+                                    frames += 1;
+                                    bytes += len;
+                                    k += 1;
+                                }
+                                Err(bad) => match empty_slots(tx, cur, bad) {
+                                    // A buffer index the peer corrupted: skip
+                                    // the slot and try the frame again.
+                                    Some((next, n)) => {
+                                        cur = next;
+                                        room -= n;
+                                    }
+                                    None => {
+                                        blocked = true;
+                                        break;
+                                    }
+                                },
+                            }
+                            continue;
+                        }
+                    }
+                    _ => "frame length out of range",
+                },
+            };
+            drop_chain(txq, tally, TX, head, why);
+            k += 1;
         }
-        if used > 0 || blocked {
-            if let Err(e) = self.port.txsync() {
+        txq.consume(k as u16);
+        tally.tx_frames += frames as u64;
+        tally.tx_bytes += bytes as u64;
+        if cur != start {
+            tx.advance(cur);
+            *tx_unsynced += (cur + tx.num_slots() - start) % tx.num_slots();
+        }
+        // Hand the frames to the peer once enough have gathered, or when
+        // the guest has no more for now, or to reclaim room. (Before the
+        // worker sleeps, `prepare_wait` or the kernel's poll syncs too.)
+        if *tx_unsynced > 0 && (*tx_unsynced >= TX_SYNC_SLOTS || waiting < WORKER_BATCH || blocked)
+            || blocked
+        {
+            if let Err(e) = port.txsync() {
                 warn!("virtio-net: txsync: {e}");
             }
+            *tx_unsynced = 0;
         }
-        if used > 0 {
-            self.signal(TX);
+        if broken {
+            self.bad_avail();
         }
-        (used > 0, blocked)
+        self.finish_batch(TX);
+        (k > 0, blocked)
     }
 
-    fn drop_chain(&mut self, queue: usize, head: u16, why: &'static str) {
-        self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
-        debug!("virtio-net: dropping chain {head} on queue {queue}: {why}");
-        let q = if queue == RX {
-            &mut self.rxq
-        } else {
-            &mut self.txq
-        };
-        let _ = q.add_used(&self.mem, head, 0);
-    }
-
-    /// Port → guest. Returns whether anything moved, and whether frames
-    /// wait for the guest to post buffers.
-    fn process_rx(&mut self) -> (bool, bool) {
+    /// Port → guest. Returns whether any frame was consumed, and the avail
+    /// index at which the guest ran out of buffers if frames wait for more.
+    fn process_rx(&mut self) -> (bool, Option<u16>) {
+        // Releases the slots of the previous batch and picks up new frames.
         if let Err(e) = self.port.rxsync() {
             warn!("virtio-net: rxsync: {e}");
         }
-        let _ = self.rxq.disable_notification(&self.mem);
-        let port_hdr = self.port.virtio_net_hdr_len() as usize == HDR_LEN;
+        self.rxq.disable_notifications();
+        let Self {
+            ram,
+            rxq,
+            port,
+            chain,
+            spans,
+            ones,
+            tally,
+            port_hdr,
+            mergeable,
+            interrupt,
+            counters,
+            ..
+        } = self;
+        let port_hdr = *port_hdr;
+        let rx = port.rx_ring();
+        let tail = rx.tail();
+        let start = rx.head();
+        // Without a header from the port, each frame starts with ours.
+        let first = if port_hdr {
+            0
+        } else {
+            spans[0] = Span {
+                ptr: ZERO_HDR.as_ptr(),
+                len: HDR_LEN,
+            };
+            1
+        };
+        let mut i = start;
         let mut frames = 0usize;
-        let mut released = false;
-        let mut progress = false;
-        let mut blocked = false;
-        while frames < BATCH {
-            let rx = self.port.rx_ring();
-            let start = rx.head();
-            if start == rx.tail() {
+        let mut blocked = None;
+        let mut broken = false;
+        while frames < WORKER_BATCH && i != tail {
+            // The fast path: a run of one-slot frames into one-buffer chains.
+            let n = rxq.pending().map_or(0, usize::from);
+            let n = n.min(WORKER_BATCH - frames).min(CHUNK);
+            let m = rxq.peek_simple(ram, 0, true, HDR_LEN as u32..=u32::MAX, &mut ones[..n]);
+            let (done, bytes) = slots_to_ones(rxq, rx, &mut i, tail, &ones[..m], port_hdr);
+            frames += done;
+            tally.rx_frames += done as u64;
+            tally.rx_bytes += bytes as u64;
+            if frames == WORKER_BATCH || i == tail {
                 break;
             }
-            // Gather the frame's slots.
-            let mut i = start;
+            if done == CHUNK {
+                publish(rxq, RX, &**interrupt, counters);
+                continue;
+            }
+            // Anything else, one frame: gather its slots.
+            let mut j = i;
+            let mut n = first;
             let mut len = 0usize;
-            let mut nslots = 0u32;
             let mut complete = false;
-            while i != rx.tail() && nslots < NETMAP_MAX_FRAGS as u32 {
-                let Some((data, flags)) = rx.frag(i) else {
+            while j != tail && n - first < NETMAP_MAX_FRAGS {
+                let Some((data, flags)) = rx.frag(j) else {
+                    // A bad slot (counted by the ring): skip it.
+                    j = rx.next(j);
                     break;
                 };
+                // The slot stays ours until `head` moves past it, and the
+                // port's mapping outlives the batch.
+                spans[n] = Span {
+                    ptr: data.as_ptr(),
+                    len: data.len(),
+                };
+                n += 1;
                 len += data.len();
-                nslots += 1;
-                i = rx.next(i);
+                j = rx.next(j);
                 if flags & NS_MOREFRAG == 0 {
                     complete = true;
                     break;
                 }
             }
             if !complete {
-                // A bad slot or an over-long fragment run: skip it.
-                rx.advance(i);
-                released = true;
+                // A bad slot or an over-long fragment run: drop it.
+                i = j;
                 continue;
             }
-            let end = i;
             let need = len + if port_hdr { 0 } else { HDR_LEN };
-            match self.deliver(start, end, need, port_hdr) {
+            match deliver(rxq, ram, chain, tally, &spans[..n], need, *mergeable) {
                 Deliver::Done => {
                     frames += 1;
-                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.counters.rx_bytes.fetch_add(
-                        (len - if port_hdr { HDR_LEN.min(len) } else { 0 }) as u64,
-                        Ordering::Relaxed,
-                    );
+                    tally.rx_frames += 1;
+                    tally.rx_bytes += (len - if port_hdr { HDR_LEN.min(len) } else { 0 }) as u64;
                 }
                 Deliver::Dropped => {}
                 Deliver::NoBuffers => {
-                    blocked = true;
+                    blocked = Some(rxq.avail_seen());
                     break;
                 }
                 Deliver::QueueBroken => {
-                    self.bad_avail();
+                    broken = true;
                     break;
                 }
             }
-            self.port.rx_ring().advance(end);
-            released = true;
-            progress = true;
+            i = j;
         }
-        if released {
-            if let Err(e) = self.port.rxsync() {
-                warn!("virtio-net: rxsync: {e}");
-            }
+        if i != start {
+            // Handed back to the peer at the next rxsync.
+            rx.advance(i);
         }
-        if frames > 0 {
-            self.signal(RX);
+        if broken {
+            self.bad_avail();
         }
-        (progress, blocked)
+        self.finish_batch(RX);
+        (i != start, blocked)
     }
+}
 
-    /// Copies the frame in slots `start..end` (`need` bytes with the
-    /// header) into guest buffers.
-    fn deliver(&mut self, start: u32, end: u32, need: usize, port_hdr: bool) -> Deliver {
-        let mut heads: [(u16, u32); 64] = [(0, 0); 64];
-        let mut nheads = 0usize;
-        let mut written = 0usize;
-        let mut src = SlotReader {
-            slot: start,
-            end,
-            offset: 0,
-            hdr_pending: !port_hdr,
+/// The transmit fast path: copies the one-buffer chains `ones` (each
+/// holding a header of `skip` bytes and a frame that fits one slot) into
+/// the TX slots from `*cur` on, which the caller checked are free, moves
+/// `*cur` past them and pushes the chains used. Returns how many it copied
+/// (all of them, unless a slot is unusable: the caller handles that chain
+/// the slow way) and their bytes. (Not inlined: its loop gets the
+/// registers to itself.)
+#[inline(never)]
+fn ones_to_slots(
+    q: &mut DeviceQueue,
+    ones: &[OneBuf],
+    skip: usize,
+    tx: &mut Ring,
+    cur: &mut u32,
+) -> (usize, usize) {
+    let mut i = *cur;
+    let (mut done, mut bytes) = (0usize, 0usize);
+    if i >= tx.num_slots() {
+        return (0, 0);
+    }
+    for o in ones {
+        // i < num_slots: checked above, and `next` stays below it.
+        let slot = tx.load_slot(i);
+        let Some(buf) = tx.buf_mut(slot.buf_idx) else {
+            break;
         };
-        let mut first_hdr_addr: Option<GuestAddress> = None;
-        while written < need {
-            let chain = match self.rxq.iter(&self.mem) {
-                Ok(mut it) => it.next(),
-                Err(virtio_queue::Error::InvalidAvailRingIndex) => return Deliver::QueueBroken,
-                Err(_) => None,
-            };
-            let Some(chain) = chain else {
-                // Out of guest buffers: give back what we took, keep the
-                // frame in the ring, wait for the guest.
-                for _ in 0..nheads {
-                    self.rxq.go_to_previous_position();
-                }
-                return Deliver::NoBuffers;
-            };
-            let head = chain.head_index();
-            let cap = match collect_chain(&self.mem, chain, true, &mut self.descs) {
-                Ok(c) if c >= HDR_LEN => c,
-                Ok(_) => {
-                    self.drop_chain(RX, head, "receive buffer shorter than the header");
-                    continue;
-                }
-                Err(ChainError::BadHead) => {
-                    self.counters.bad_heads.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                Err(ChainError::Bad(why)) => {
-                    self.drop_chain(RX, head, why);
-                    continue;
-                }
-            };
-            if !self.mergeable && cap < need {
-                // One buffer per frame and it does not fit: drop the frame.
-                self.counters.rx_too_big.fetch_add(1, Ordering::Relaxed);
-                let _ = self.rxq.add_used(&self.mem, head, 0);
-                return Deliver::Dropped;
+        let buf = buf.as_mut_ptr();
+        let len = o.len as usize - skip;
+        // SAFETY: the source is bytes skip..o.len of the chain's buffer
+        // (`peek_simple` checked it is inside guest RAM, which the worker's
+        // `GuestRam` keeps mapped, and at least skip + MIN_FRAME long); the
+        // destination is the first len <= buf_size bytes of the slot's
+        // buffer (bounds-checked by the ring), which the port keeps mapped
+        // and which is ours until `head` moves past the slot. No reference
+        // to either range exists (see `copy_bytes`).
+        unsafe { copy_bytes(o.ptr.as_ptr().add(skip), buf, len) };
+        // i < num_slots; len <= buf_size (`peek_simple` bounds it).
+        tx.store_slot(
+            i,
+            Slot {
+                len: len as u16,
+                flags: 0,
+                ..slot
+            },
+        );
+        i = tx.next(i);
+        q.push_used(o.head, 0);
+        done += 1;
+        bytes += len;
+    }
+    *cur = i;
+    (done, bytes)
+}
+
+/// A virtio-net header for a frame in one buffer: num_buffers = 1.
+const HDR_ONE: [u8; HDR_LEN] = {
+    let mut h = [0u8; HDR_LEN];
+    h[HDR_NUM_BUFFERS] = 1;
+    h
+};
+
+/// The receive fast path: copies the one-slot frames from slot `*i` on (up
+/// to `tail`) into the one-buffer chains `ones`, one each, for as long as
+/// they fit; pushes the chains used, consumes them and moves `*i` past the
+/// frames. Returns (frames, bytes without headers). Stops at anything else
+/// (a fragmented or bad slot, a frame too big), which the caller handles
+/// the slow way. (Not inlined: its loop gets the registers to itself.)
+#[inline(never)]
+fn slots_to_ones(
+    q: &mut DeviceQueue,
+    rx: &Ring,
+    i: &mut u32,
+    tail: u32,
+    ones: &[OneBuf],
+    port_hdr: bool,
+) -> (usize, usize) {
+    let hdr = if port_hdr { 0 } else { HDR_LEN };
+    let mut j = *i;
+    let (mut done, mut bytes) = (0usize, 0usize);
+    for o in ones {
+        if j == tail {
+            break;
+        }
+        let Some((data, flags)) = rx.frag(j) else {
+            break;
+        };
+        let len = data.len();
+        let need = len + hdr;
+        if flags & NS_MOREFRAG != 0 || need > o.len as usize || need < HDR_LEN {
+            break;
+        }
+        let dst = o.ptr.as_ptr();
+        // SAFETY: the destination is the first need <= o.len bytes of
+        // the chain's buffer, inside guest RAM (`peek_simple` checked it,
+        // the worker's `GuestRam` keeps it mapped); the source is the
+        // slot's data, inside its netmap buffer (validated by `frag`),
+        // which the port keeps mapped and which is ours until `head` moves
+        // past the slot. Unaligned writes of plain bytes. No reference to
+        // either range is held across the copy (see `copy_bytes`).
+        unsafe {
+            if port_hdr {
+                // The port's header, with num_buffers = 1 (need >= HDR_LEN).
+                copy_bytes(data.as_ptr(), dst, len);
+                dst.add(HDR_NUM_BUFFERS)
+                    .cast::<[u8; 2]>()
+                    .write_unaligned(1u16.to_le_bytes());
+            } else {
+                dst.cast::<[u8; HDR_LEN]>().write_unaligned(HDR_ONE);
+                copy_bytes(data.as_ptr(), dst.add(HDR_LEN), len);
             }
-            if nheads == heads.len() {
-                self.counters.rx_too_big.fetch_add(1, Ordering::Relaxed);
-                let _ = self.rxq.add_used(&self.mem, head, 0);
-                break;
+        }
+        q.push_used(o.head, need as u32);
+        bytes += need - HDR_LEN;
+        j = rx.next(j);
+        done += 1;
+    }
+    q.consume(done as u16);
+    *i = j;
+    (done, bytes)
+}
+
+/// Publishes what `q` used so far and interrupts the driver if it asked for
+/// it.
+#[inline]
+fn publish(
+    q: &mut DeviceQueue,
+    queue: usize,
+    interrupt: &dyn VirtioInterrupt,
+    counters: &NetCounters,
+) {
+    if q.publish_used() && q.needs_notification() {
+        counters.interrupts.fetch_add(1, Ordering::Relaxed);
+        interrupt.signal_queue(queue as u16);
+    }
+}
+
+/// Returns a bad chain to the driver unused, and counts it.
+#[cold]
+fn drop_chain(q: &mut DeviceQueue, tally: &mut Tally, queue: usize, head: u16, why: &str) {
+    tally.bad_chains += 1;
+    debug!("virtio-net: dropping chain {head} on queue {queue}: {why}");
+    q.push_used(head, 0);
+}
+
+/// The next usable receive chain, walked into `chain`: (head, capacity).
+/// Bad chains met on the way are returned unused and counted.
+#[inline]
+fn take_rx_chain(
+    q: &mut DeviceQueue,
+    ram: &GuestRam,
+    chain: &mut Chain,
+    tally: &mut Tally,
+) -> Result<(u16, usize), Deliver> {
+    loop {
+        let head = match q.pop() {
+            Ok(Some(head)) => head,
+            Ok(None) => return Err(Deliver::NoBuffers),
+            Err(BadAvailIndex) => return Err(Deliver::QueueBroken),
+        };
+        let why = match q.walk(ram, head, true, chain) {
+            Ok(cap) if cap >= HDR_LEN => return Ok((head, cap)),
+            Ok(_) => "receive buffer shorter than the header",
+            Err(ChainError::BadHead) => {
+                tally.bad_heads += 1;
+                continue;
             }
-            if first_hdr_addr.is_none() {
-                first_hdr_addr = Some(self.descs[0].addr());
+            Err(ChainError::Bad(why)) => why,
+        };
+        drop_chain(q, tally, RX, head, why);
+    }
+}
+
+/// Writes `num_buffers` into the header at the start of `chain` (which has
+/// at least HDR_LEN bytes; bytewise, in case the header is split across
+/// descriptors).
+#[inline]
+fn set_num_buffers(chain: &Chain, n: u16) {
+    for (i, b) in n.to_le_bytes().into_iter().enumerate() {
+        if let Some(p) = chain.byte_ptr(HDR_NUM_BUFFERS + i) {
+            // SAFETY: `p` points into a buffer of the chain, inside guest
+            // RAM (checked by `walk`, kept mapped by the worker's
+            // `GuestRam`); a u8 store has no alignment requirement, and no
+            // reference to guest memory exists.
+            unsafe { p.as_ptr().write_volatile(b) };
+        }
+    }
+}
+
+/// Copies one frame (`need` bytes in `spans`) into as many receive chains
+/// as it takes (one without mergeable buffers), and pushes them used. Out of
+/// buffers, it puts back everything it took for this frame.
+fn deliver(
+    q: &mut DeviceQueue,
+    ram: &GuestRam,
+    chain: &mut Chain,
+    tally: &mut Tally,
+    spans: &[Span],
+    need: usize,
+    mergeable: bool,
+) -> Deliver {
+    let (avail_mark, used_mark, tally_mark) = (q.next_avail(), q.next_used(), *tally);
+    let give_back = |q: &mut DeviceQueue, tally: &mut Tally, why: Deliver| {
+        if let Deliver::NoBuffers = why {
+            // Keep the frame in the ring and wait for buffers. Chains
+            // dropped meanwhile are met (and counted) again.
+            q.rewind(avail_mark);
+            q.rewind_used(used_mark);
+            *tally = tally_mark;
+        }
+        why
+    };
+    let (head, cap) = match take_rx_chain(q, ram, chain, tally) {
+        Ok(c) => c,
+        Err(why) => return give_back(q, tally, why),
+    };
+    if !mergeable && cap < need {
+        // One buffer per frame and it does not fit: drop the frame.
+        tally.rx_too_big += 1;
+        q.push_used(head, 0);
+        return Deliver::Dropped;
+    }
+    let mut cursor = (0usize, 0usize);
+    let n = copy_spans(spans, &mut cursor, chain);
+    if n == need {
+        // The common case: the frame fits the first buffer.
+        set_num_buffers(chain, 1);
+        q.push_used(head, n as u32);
+        return Deliver::Done;
+    }
+    // Mergeable buffers: fill more chains; num_buffers goes into the
+    // first one's header once the count is known.
+    let num_buffers = [
+        chain.byte_ptr(HDR_NUM_BUFFERS),
+        chain.byte_ptr(HDR_NUM_BUFFERS + 1),
+    ];
+    let mut heads = [(0u16, 0u32); MAX_RX_BUFS];
+    heads[0] = (head, n as u32);
+    let mut nheads = 1usize;
+    let mut written = n;
+    while written < need {
+        let (head, _) = match take_rx_chain(q, ram, chain, tally) {
+            Ok(c) => c,
+            Err(why) => return give_back(q, tally, why),
+        };
+        if nheads == MAX_RX_BUFS {
+            // Too many buffers for one frame: drop it.
+            tally.rx_too_big += 1;
+            for &(h, _) in &heads[..nheads] {
+                q.push_used(h, 0);
             }
-            let n = src.copy_into(&self.mem, &self.descs, self.port.rx_ring());
-            heads[nheads] = (head, n as u32);
-            nheads += 1;
+            q.push_used(head, 0);
+            return Deliver::Dropped;
+        }
+        let n = copy_spans(spans, &mut cursor, chain);
+        heads[nheads] = (head, n as u32);
+        nheads += 1;
+        written += n;
+    }
+    for (p, b) in num_buffers.into_iter().zip((nheads as u16).to_le_bytes()) {
+        if let Some(p) = p {
+            // SAFETY: as in `set_num_buffers`: `p` points into the first
+            // chain's buffers, in guest RAM kept mapped by `ram`.
+            unsafe { p.as_ptr().write_volatile(b) };
+        }
+    }
+    for &(h, len) in &heads[..nheads] {
+        q.push_used(h, len);
+    }
+    Deliver::Done
+}
+
+/// Copies `n` bytes from `src` to `dst`, between guest memory and netmap
+/// buffers: memory shared with untrusted parties, who may write it while it
+/// is copied (that can only change the bytes copied) or, should a guest
+/// point a buffer at a mapping of the port, make the two ranges overlap
+/// (neither way of copying here assumes they do not). Short copies, the
+/// common case for small frames, are done inline in 16-byte moves rather
+/// than through a call to `memmove`.
+///
+/// # Safety
+///
+/// `src` must be valid for reads and `dst` for writes of `n` bytes, for
+/// the whole call, and no Rust reference to either range may exist.
+#[inline(always)]
+unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
+    /// Moves the 16 bytes at `src + o` to `dst + o`.
+    ///
+    /// # Safety
+    ///
+    /// Both 16-byte ranges must be valid, as for `copy_bytes`.
+    #[inline(always)]
+    unsafe fn mov(src: *const u8, dst: *mut u8, o: usize) {
+        // SAFETY: forwarded contract; unaligned accesses of plain bytes.
+        unsafe {
+            let c = src.add(o).cast::<[u8; 16]>().read_unaligned();
+            dst.add(o).cast::<[u8; 16]>().write_unaligned(c);
+        }
+    }
+    // SAFETY: every `mov` offset o has o + 16 <= n (the arms bound n), so
+    // each chunk is inside both ranges; the moves overlap from both ends
+    // (some bytes are copied twice, which is harmless). Longer and shorter
+    // copies go to `copy`, which allows overlap.
+    unsafe {
+        match n {
+            16..=32 => {
+                mov(src, dst, 0);
+                mov(src, dst, n - 16);
+            }
+            33..=64 => {
+                mov(src, dst, 0);
+                mov(src, dst, 16);
+                mov(src, dst, n - 32);
+                mov(src, dst, n - 16);
+            }
+            65..=128 => {
+                for o in [0, 16, 32, 48] {
+                    mov(src, dst, o);
+                }
+                for o in [64, 48, 32, 16] {
+                    mov(src, dst, n - o);
+                }
+            }
+            _ => std::ptr::copy(src, dst, n),
+        }
+    }
+}
+
+/// Copies from `spans` (resuming at `cursor`: span index, offset) into the
+/// buffers of `chain`, as far as either goes. Returns the bytes written.
+#[inline]
+fn copy_spans(spans: &[Span], cursor: &mut (usize, usize), chain: &Chain) -> usize {
+    let (mut si, mut so) = *cursor;
+    let mut written = 0usize;
+    'segs: for seg in chain.segs() {
+        let mut dst = seg.ptr.as_ptr();
+        let mut room = seg.len as usize;
+        while room > 0 {
+            let Some(s) = spans.get(si) else {
+                break 'segs;
+            };
+            let n = (s.len - so).min(room);
+            // SAFETY: the source is `s.ptr + so .. + n`, inside the span
+            // (so + n <= s.len): the static header or a netmap buffer of a
+            // slot we own, whose mapping the port keeps alive. The
+            // destination is inside the chain buffer (n <= room), in guest
+            // RAM kept mapped by the worker's `GuestRam`. Both are plain
+            // bytes shared with untrusted parties (guest, peer) who may
+            // change them concurrently; that can only change the bytes
+            // copied, the bounds are ours. `copy` (memmove) tolerates
+            // overlap, should a guest point a buffer at a mapping of the
+            // port. No reference to either memory exists across the copy.
+            unsafe { copy_bytes(s.ptr.add(so), dst, n) };
+            // SAFETY: n <= room: at most one past the end of the buffer.
+            dst = unsafe { dst.add(n) };
+            room -= n;
             written += n;
-            if n == 0 {
-                break;
+            so += n;
+            if so == s.len {
+                si += 1;
+                so = 0;
             }
         }
-        // num_buffers in the first buffer's header (its first descriptor
-        // holds at least the 12 header bytes in practice; write through
-        // guest memory so a split header is still handled bytewise).
-        if let Some(addr) = first_hdr_addr {
-            let nb = (nheads as u16).to_le_bytes();
-            let _ = self
-                .mem
-                .write_slice(&nb, addr.unchecked_add(HDR_NUM_BUFFERS as u64));
-        }
-        for &(head, len) in &heads[..nheads] {
-            let _ = self.rxq.add_used(&self.mem, head, len);
-        }
-        Deliver::Done
     }
+    *cursor = (si, so);
+    written
 }
 
-enum Deliver {
-    Done,
-    Dropped,
-    NoBuffers,
-    QueueBroken,
-}
-
-/// Reads a frame out of consecutive RX slots, optionally preceded by a
-/// zeroed virtio-net header, into guest buffers.
-struct SlotReader {
-    slot: u32,
-    end: u32,
-    offset: usize,
-    hdr_pending: bool,
-}
-
-impl SlotReader {
-    /// Fills the chain `descs` as far as the frame goes; returns bytes
-    /// written.
-    fn copy_into(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        descs: &[Descriptor],
-        ring: &mut crate::netmap::Ring,
-    ) -> usize {
-        let mut written = 0usize;
-        for d in descs {
-            let mut addr = d.addr();
-            let mut room = d.len() as usize;
-            if self.hdr_pending && room > 0 {
-                // A zeroed header; num_buffers is patched later.
-                let n = HDR_LEN.min(room);
-                let zero = [0u8; HDR_LEN];
-                if mem.write_slice(&zero[..n], addr).is_err() {
-                    return written;
-                }
-                // Headers split across descriptors are legal but rare; the
-                // remainder goes to the next descriptor.
-                if n < HDR_LEN {
-                    return written + n;
-                }
-                self.hdr_pending = false;
-                addr = addr.unchecked_add(n as u64);
-                room -= n;
-                written += n;
-            }
-            while room > 0 && self.slot != self.end {
-                let Some((data, _)) = ring.frag(self.slot) else {
-                    self.slot = self.end;
-                    break;
-                };
-                let chunk = &data[self.offset..];
-                let n = chunk.len().min(room);
-                if mem.write_slice(&chunk[..n], addr).is_err() {
-                    return written;
-                }
-                addr = addr.unchecked_add(n as u64);
-                room -= n;
-                written += n;
-                self.offset += n;
-                if self.offset == data.len() {
-                    self.offset = 0;
-                    self.slot = ring.next(self.slot);
-                }
-            }
-            if self.slot == self.end {
-                break;
-            }
-        }
-        written
-    }
-}
-
-/// Copies `frame_len` bytes of the chain (after skipping `skip` header
-/// bytes) into TX slots from `cur`, and publishes them.
-fn copy_chain_to_slots(
-    mem: &GuestMemoryMmap,
-    descs: &[Descriptor],
+/// Copies the chain's bytes after the first `skip` into TX slots from `at`
+/// on (`bs` bytes per slot, `NS_MOREFRAG` on all but the last). Returns
+/// the slot after the frame, or `Err` with the first slot that is unusable
+/// (the frame is then not sent). The caller checked that the frame fits
+/// before `tail`.
+fn chain_to_slots(
+    chain: &Chain,
     mut skip: usize,
-    frame_len: usize,
-    tx: &mut crate::netmap::Ring,
-) -> bool {
-    let buf_size = tx.buf_size() as usize;
-    let mut slot = tx.cur();
+    tx: &mut Ring,
+    at: u32,
+    bs: usize,
+) -> Result<u32, u32> {
+    let mut i = at;
+    let mut slot = tx.slot(i).ok_or(i)?;
+    let mut buf = tx.buf_mut(slot.buf_idx).ok_or(i)?.as_mut_ptr();
     let mut fill = 0usize;
-    let mut left = frame_len;
-    for d in descs {
-        let mut addr = d.addr();
-        let mut len = d.len() as usize;
+    for seg in chain.segs() {
+        let mut src = seg.ptr.as_ptr().cast_const();
+        let mut left = seg.len as usize;
         if skip > 0 {
-            let s = skip.min(len);
+            let s = skip.min(left);
             skip -= s;
-            len -= s;
-            addr = addr.unchecked_add(s as u64);
+            left -= s;
+            // SAFETY: s <= seg.len: at most one past the end of the buffer.
+            src = unsafe { src.add(s) };
         }
-        while len > 0 {
-            let Some(buf) = tx.tx_buf(slot) else {
-                return false;
-            };
-            let n = len.min(buf_size - fill);
-            if mem.read_slice(&mut buf[fill..fill + n], addr).is_err() {
-                return false;
-            }
-            fill += n;
-            len -= n;
-            left -= n;
-            addr = addr.unchecked_add(n as u64);
-            if fill == buf_size && left > 0 {
-                tx.set_len_flags(slot, fill as u16, NS_MOREFRAG);
-                slot = tx.next(slot);
+        while left > 0 {
+            if fill == bs {
+                tx.set_slot(
+                    i,
+                    Slot {
+                        len: fill as u16,
+                        flags: NS_MOREFRAG,
+                        ..slot
+                    },
+                );
+                i = tx.next(i);
+                slot = tx.slot(i).ok_or(i)?;
+                buf = tx.buf_mut(slot.buf_idx).ok_or(i)?.as_mut_ptr();
                 fill = 0;
             }
+            let n = left.min(bs - fill);
+            // SAFETY: the source is inside the chain's buffer (n <= left
+            // bytes from `src`), in guest RAM that `walk` checked and the
+            // worker's `GuestRam` keeps mapped; the destination is inside
+            // the slot's buffer (fill + n <= bs <= buf_size, bounds-checked
+            // by the ring), which the port keeps mapped and which is ours
+            // until `head` moves past the slot. No reference to either range
+            // exists (see `copy_bytes`).
+            unsafe { copy_bytes(src, buf.add(fill), n) };
+            // SAFETY: n <= left: at most one past the end of the buffer.
+            src = unsafe { src.add(n) };
+            left -= n;
+            fill += n;
         }
     }
-    tx.set_len_flags(slot, fill as u16, 0);
-    tx.advance(tx.next(slot));
-    true
+    tx.set_slot(
+        i,
+        Slot {
+            len: fill as u16,
+            flags: 0,
+            ..slot
+        },
+    );
+    Ok(tx.next(i))
+}
+
+/// Hands the TX slots `from..=to` back as empty frames (for the sync to
+/// repair the one whose buffer the peer corrupted) and returns the slot
+/// after them and how many they were; `None` if the ring's indices are
+/// corrupt (the next sync repairs them).
+fn empty_slots(tx: &mut Ring, from: u32, to: u32) -> Option<(u32, usize)> {
+    let mut i = from;
+    for n in 1..=NETMAP_MAX_FRAGS {
+        let s = tx.slot(i)?;
+        // `slot(i)` checked i; the buffer index is kept as it is.
+        tx.store_slot(
+            i,
+            Slot {
+                len: 0,
+                flags: 0,
+                ..s
+            },
+        );
+        let last = i == to;
+        i = tx.next(i);
+        if last {
+            return Some((i, n));
+        }
+    }
+    None
 }

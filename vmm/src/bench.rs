@@ -1,0 +1,539 @@
+//! `nmvm bench`: the data path measured without a guest CPU. A synthetic
+//! guest driver (a host thread playing the guest's virtio driver on real
+//! guest memory, with EVENT_IDX, kicks through the queue eventfds and
+//! interrupts through an eventfd) drives the real virtio-net device model;
+//! the real pkt-gen engine sits on the other end of a userspace netmap pipe.
+//! In the same run: the copy limit (one thread copying the same frames
+//! between two rings of buffers) and, where available, the tap path.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nmvm_devices::netmap::{Port, PortOptions};
+use nmvm_devices::virtio::driver::SyntheticDriver;
+use nmvm_devices::virtio::net::{Net, NetCounters, F_MRG_RXBUF};
+use nmvm_devices::virtio::tap::{PacketSocket, Tap, TapNet};
+use nmvm_devices::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
+use serde::Serialize;
+
+use crate::frame::{self, Endpoints};
+use crate::pktgen::{self, Mode, PktGenOptions};
+
+/// Frame sizes measured.
+pub const SIZES: [usize; 6] = [64, 128, 256, 512, 1024, 1514];
+const QUEUE_SIZE: u16 = 256;
+
+/// One measured row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `nmvm`, `tap` or `copy`.
+    pub path: &'static str,
+    /// `tx` (guest to peer) or `rx` (peer to guest); `copy` for the limit.
+    pub dir: &'static str,
+    /// Frame size in bytes (without the virtio-net header).
+    pub size: usize,
+    /// Million frames per second.
+    pub mpps: f64,
+    /// Gbit/s of frame bytes.
+    pub gbps: f64,
+    /// Guest kicks per frame.
+    pub kicks_per_pkt: f64,
+    /// Interrupts per frame.
+    pub irqs_per_pkt: f64,
+    /// Frames per device-worker wake-up.
+    pub avg_batch: f64,
+    /// Frames counted.
+    pub frames: u64,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Host cores.
+    pub cores: usize,
+    /// Seconds per measurement.
+    pub seconds: f64,
+    /// Where the threads ran.
+    pub threads: &'static str,
+    /// Every row.
+    pub rows: Vec<Row>,
+}
+
+fn unique_pipe(tag: &str, size: usize) -> (String, String) {
+    let base = format!("shm:bench{}{tag}{size}", std::process::id());
+    (format!("{base}{{0"), format!("{base}}}0"))
+}
+
+fn row(path: &'static str, dir: &'static str, size: usize, frames: u64, secs: f64) -> Row {
+    let pps = frames as f64 / secs.max(1e-9);
+    Row {
+        path,
+        dir,
+        size,
+        mpps: pps / 1e6,
+        gbps: pps * size as f64 * 8.0 / 1e9,
+        kicks_per_pkt: 0.0,
+        irqs_per_pkt: 0.0,
+        avg_batch: 0.0,
+        frames,
+    }
+}
+
+fn ratios(r: &mut Row, drv: &SyntheticDriver, counters: &NetCounters, queue: usize) {
+    let f = r.frames.max(1) as f64;
+    let kicks = if queue == 1 {
+        drv.tx.kicks
+    } else {
+        drv.rx.kicks
+    };
+    r.kicks_per_pkt = kicks as f64 / f;
+    r.irqs_per_pkt = drv.interrupt.counts[queue].load(Ordering::Relaxed) as f64 / f;
+    r.avg_batch = f / counters.wakeups.load(Ordering::Relaxed).max(1) as f64;
+}
+
+/// Sleeps on the driver's interrupt eventfd for at most `ms`.
+fn wait_interrupt(drv: &SyntheticDriver, ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd: drv.interrupt.evt.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a live eventfd.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+    let _ = drv.interrupt.evt.read();
+}
+
+/// Plays the guest's receive side for `dur`: reaps used buffers and posts
+/// them again, sleeping on the interrupt when none are used. Returns the
+/// frames received and the seconds it took.
+fn drive_rx(drv: &mut SyntheticDriver, dur: Duration) -> (u64, f64) {
+    let mut frames = 0u64;
+    let start = Instant::now();
+    let end = start + dur;
+    while Instant::now() < end {
+        let mut got = 0;
+        while drv.rx.reap(&drv.mem).is_some() {
+            got += 1;
+        }
+        if got > 0 {
+            frames += got;
+            for _ in 0..got {
+                drv.rx.post(&drv.mem, None);
+            }
+            drv.rx.publish(&drv.mem);
+        } else {
+            drv.rx.request_interrupt(&drv.mem, 1);
+            if drv.rx.reap_pending(&drv.mem) == 0 {
+                wait_interrupt(drv, 10);
+            }
+        }
+    }
+    (frames, start.elapsed().as_secs_f64())
+}
+
+/// Plays the guest's transmit side: keeps the TX ring full with `buf`
+/// (at most `limit` frames in all), sleeping on the interrupt while the
+/// device works through half of it, until `done` says so. Returns frames
+/// posted.
+fn drive_tx(drv: &mut SyntheticDriver, buf: &[u8], limit: u64, done: impl Fn() -> bool) -> u64 {
+    let mut posted = 0u64;
+    while !done() {
+        while drv.tx.reap(&drv.mem).is_some() {}
+        let mut any = false;
+        while posted < limit && drv.tx.free() > 0 {
+            drv.tx.post(&drv.mem, Some(buf));
+            posted += 1;
+            any = true;
+        }
+        if any {
+            drv.tx.publish(&drv.mem);
+        }
+        // Look again after asking for the interrupt, or one that fired
+        // just before is missed.
+        drv.tx.request_interrupt(&drv.mem, QUEUE_SIZE / 2);
+        if drv.tx.reap_pending(&drv.mem) < QUEUE_SIZE / 2 {
+            wait_interrupt(drv, 10);
+        }
+    }
+    posted
+}
+
+fn features() -> u64 {
+    F_VERSION_1 | F_RING_EVENT_IDX | F_MRG_RXBUF
+}
+
+/// Starts the pkt-gen engine on `port` in a thread.
+fn peer(
+    port: String,
+    mode: Mode,
+    size: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Option<pktgen::PktGenReport>> {
+    std::thread::spawn(move || {
+        let opts = PktGenOptions {
+            port,
+            mode,
+            len: (size.max(frame::MIN_LEN), size.max(frame::MIN_LEN)),
+            count: 0,
+            batch: 512,
+            report: Duration::from_secs(3600),
+            verbose: false,
+            check: false,
+            endpoints: Endpoints::default(),
+            ..PktGenOptions::default()
+        };
+        pktgen::run(&opts, &stop).ok()
+    })
+}
+
+/// Guest → peer through nmvm's device: frames/s seen by the peer.
+pub fn netmap_tx(size: usize, dur: Duration) -> std::io::Result<Row> {
+    let (dev_end, peer_end) = unique_pipe("tx", size);
+    let port = Port::open(&dev_end, &PortOptions::default()).map_err(std::io::Error::other)?;
+    let mut drv = SyntheticDriver::new(QUEUE_SIZE)?;
+    let mut net = Net::new([2, 0, 0, 0, 0, 1], port);
+    net.activate(drv.activation(features()))
+        .map_err(std::io::Error::other)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = peer(peer_end, Mode::Rx, size, stop.clone());
+
+    let mut f = vec![0u8; frame::MAX_LEN];
+    frame::build(&mut f, size.max(frame::MIN_LEN), 0, &Endpoints::default());
+    let mut buf = Vec::new();
+    SyntheticDriver::tx_buffer(&f[..size], &mut buf);
+    let end = Instant::now() + dur;
+    drive_tx(&mut drv, &buf, u64::MAX, || Instant::now() >= end);
+    stop.store(true, Ordering::Relaxed);
+    let report = peer.join().ok().flatten().unwrap_or_default();
+    let counters = net.counters();
+    net.reset();
+    let mut r = row(
+        "nmvm",
+        "tx",
+        size,
+        report.received,
+        report.elapsed.as_secs_f64(),
+    );
+    ratios(&mut r, &drv, &counters, 1);
+    Ok(r)
+}
+
+/// Peer → guest through nmvm's device: frames/s reaped by the driver.
+pub fn netmap_rx(size: usize, dur: Duration) -> std::io::Result<Row> {
+    let (dev_end, peer_end) = unique_pipe("rx", size);
+    let port = Port::open(&dev_end, &PortOptions::default()).map_err(std::io::Error::other)?;
+    let mut drv = SyntheticDriver::new(QUEUE_SIZE)?;
+    let mut net = Net::new([2, 0, 0, 0, 0, 1], port);
+    net.activate(drv.activation(features()))
+        .map_err(std::io::Error::other)?;
+    for _ in 0..drv.rx.free() {
+        drv.rx.post(&drv.mem, None);
+    }
+    drv.rx.publish(&drv.mem);
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = peer(peer_end, Mode::Tx, size, stop.clone());
+    let (frames, secs) = drive_rx(&mut drv, dur);
+    stop.store(true, Ordering::Relaxed);
+    let _ = peer.join();
+    let counters = net.counters();
+    net.reset();
+    let mut r = row("nmvm", "rx", size, frames, secs);
+    ratios(&mut r, &drv, &counters, 0);
+    Ok(r)
+}
+
+/// Guest → tap through the same kind of device worker with writev, an
+/// AF_PACKET reader on the interface counting frames.
+pub fn tap_tx(size: usize, dur: Duration) -> Result<Row, String> {
+    let tap = Tap::new().map_err(|e| e.to_string())?;
+    let sock = PacketSocket::bind(tap.ifindex()).map_err(|e| e.to_string())?;
+    let mut drv = SyntheticDriver::new(QUEUE_SIZE).map_err(|e| e.to_string())?;
+    let mut net = TapNet::new([2, 0, 0, 0, 0, 1], tap);
+    net.activate(drv.activation(features()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut bufs = vec![vec![0u8; 2048]; 64];
+            let (mut frames, start) = (0u64, Instant::now());
+            while !stop.load(Ordering::Relaxed) {
+                match sock.recv_batch(&mut bufs) {
+                    Ok(0) | Err(_) => {
+                        let _ = sock.wait(Some(Duration::from_millis(10)));
+                    }
+                    Ok(n) => frames += n as u64,
+                }
+            }
+            (frames, start.elapsed())
+        })
+    };
+    let mut f = vec![0u8; frame::MAX_LEN];
+    frame::build(&mut f, size.max(frame::MIN_LEN), 0, &Endpoints::default());
+    let mut buf = Vec::new();
+    SyntheticDriver::tx_buffer(&f[..size], &mut buf);
+    let end = Instant::now() + dur;
+    drive_tx(&mut drv, &buf, u64::MAX, || Instant::now() >= end);
+    stop.store(true, Ordering::Relaxed);
+    let (frames, elapsed) = reader
+        .join()
+        .map_err(|_| "tap reader panicked".to_string())?;
+    let counters = net.counters();
+    net.reset();
+    let mut r = row("tap", "tx", size, frames, elapsed.as_secs_f64());
+    ratios(&mut r, &drv, &counters, 1);
+    Ok(r)
+}
+
+/// An AF_PACKET writer on the interface → tap → device worker with readv →
+/// the synthetic driver, which counts frames.
+pub fn tap_rx(size: usize, dur: Duration) -> Result<Row, String> {
+    let tap = Tap::new().map_err(|e| e.to_string())?;
+    let sock = PacketSocket::bind(tap.ifindex()).map_err(|e| e.to_string())?;
+    let mut drv = SyntheticDriver::new(QUEUE_SIZE).map_err(|e| e.to_string())?;
+    let mut net = TapNet::new([2, 0, 0, 0, 0, 1], tap);
+    net.activate(drv.activation(features()))?;
+    for _ in 0..drv.rx.free() {
+        drv.rx.post(&drv.mem, None);
+    }
+    drv.rx.publish(&drv.mem);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut f = vec![0u8; frame::MAX_LEN];
+            frame::build(&mut f, size.max(frame::MIN_LEN), 0, &Endpoints::default());
+            let batch = vec![f[..size.max(frame::MIN_LEN)].to_vec(); 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(0) | Err(_) = sock.send_batch(&batch) {
+                    std::thread::yield_now();
+                }
+            }
+        })
+    };
+    let frames = drive_rx(&mut drv, dur);
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    let counters = net.counters();
+    net.reset();
+    let mut r = row("tap", "rx", size, frames.0, frames.1);
+    ratios(&mut r, &drv, &counters, 0);
+    Ok(r)
+}
+
+/// The copy limit: one thread copying frames of `size` bytes between two
+/// rings of 256 buffers of 2048 bytes.
+pub fn copy_limit(size: usize, dur: Duration) -> Row {
+    const SLOTS: usize = 256;
+    const BUF: usize = 2048;
+    let src = vec![0x5au8; SLOTS * BUF];
+    let mut dst = vec![0u8; SLOTS * BUF];
+    let mut frames = 0u64;
+    let start = Instant::now();
+    let end = start + dur;
+    while Instant::now() < end {
+        for i in 0..SLOTS {
+            let s = &src[i * BUF..i * BUF + size];
+            dst[i * BUF..i * BUF + size].copy_from_slice(std::hint::black_box(s));
+        }
+        std::hint::black_box(&mut dst);
+        frames += SLOTS as u64;
+    }
+    row("copy", "copy", size, frames, start.elapsed().as_secs_f64())
+}
+
+/// Runs every row.
+pub fn run(sizes: &[usize], dur: Duration) -> std::io::Result<BenchReport> {
+    let mut rows = Vec::new();
+    let mut tap_ok = true;
+    for &size in sizes {
+        rows.push(copy_limit(size, dur));
+        rows.push(netmap_tx(size, dur)?);
+        rows.push(netmap_rx(size, dur)?);
+        if tap_ok {
+            for r in [tap_tx(size, dur), tap_rx(size, dur)] {
+                match r {
+                    Ok(r) => rows.push(r),
+                    Err(e) => {
+                        eprintln!("nmvm bench: tap path unavailable, no tap rows: {e}");
+                        tap_ok = false;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(BenchReport {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        seconds: dur.as_secs_f64(),
+        threads: "unpinned: synthetic driver, device worker and netmap peer each on its own thread",
+        rows,
+    })
+}
+
+/// The human table.
+pub fn table(r: &BenchReport) -> String {
+    let mut out = format!(
+        "{:<6} {:<4} {:>5} {:>9} {:>8} {:>11} {:>10} {:>9}\n",
+        "path", "dir", "size", "Mpps", "Gbit/s", "kicks/pkt", "irqs/pkt", "batch"
+    );
+    for row in &r.rows {
+        out.push_str(&format!(
+            "{:<6} {:<4} {:>5} {:>9.3} {:>8.2} {:>11.5} {:>10.5} {:>9.1}\n",
+            row.path,
+            row.dir,
+            row.size,
+            row.mpps,
+            row.gbps,
+            row.kicks_per_pkt,
+            row.irqs_per_pkt,
+            row.avg_batch
+        ));
+    }
+    out
+}
+
+/// The ratio lines: nmvm against the copy limit and the tap path, per size.
+pub fn ratio_lines(r: &BenchReport) -> Vec<String> {
+    let find = |path: &str, dir: &str, size: usize| {
+        r.rows
+            .iter()
+            .find(|x| x.path == path && x.dir == dir && x.size == size)
+            .map(|x| x.mpps)
+    };
+    let mut lines = Vec::new();
+    let sizes: Vec<usize> = {
+        let mut s: Vec<usize> = r.rows.iter().map(|x| x.size).collect();
+        s.dedup();
+        s
+    };
+    for size in sizes {
+        for dir in ["tx", "rx"] {
+            let Some(n) = find("nmvm", dir, size) else {
+                continue;
+            };
+            let mut line = format!("ratio {dir} {size:>4} B: nmvm {n:.2} Mpps");
+            if let Some(c) = find("copy", "copy", size) {
+                line.push_str(&format!(", {:.2} of the copy limit", n / c));
+            }
+            if let Some(t) = find("tap", dir, size) {
+                line.push_str(&format!(", {:.1}x the tap path", n / t));
+            }
+            lines.push(line);
+        }
+    }
+    lines
+}
+
+/// An SVG plot of Mpps against frame size for each path and direction.
+pub fn svg(r: &BenchReport) -> String {
+    let (w, h, left, bottom, top, right) = (720.0, 420.0, 60.0, 50.0, 40.0, 170.0);
+    let series: Vec<(&str, &str, &str, &str)> = vec![
+        ("copy", "copy", "copy limit", "#888888"),
+        ("nmvm", "tx", "nmvm TX", "#1f77b4"),
+        ("nmvm", "rx", "nmvm RX", "#2ca02c"),
+        ("tap", "tx", "tap TX", "#d62728"),
+        ("tap", "rx", "tap RX", "#ff7f0e"),
+    ];
+    let max = r.rows.iter().map(|x| x.mpps).fold(1.0_f64, f64::max) * 1.1;
+    let xs = |size: usize| {
+        let i = SIZES.iter().position(|&s| s == size).unwrap_or(0) as f64;
+        left + i * (w - left - right) / (SIZES.len() - 1) as f64
+    };
+    let ys = |mpps: f64| h - bottom - mpps / max * (h - bottom - top);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"24\" font-size=\"15\">Mpps by frame size ({} cores, {:.1} s per point)</text>\n",
+        r.cores, r.seconds
+    );
+    out += &format!(
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    for &size in &SIZES {
+        out += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{size}</text>\n",
+            xs(size),
+            h - bottom + 18.0
+        );
+    }
+    out += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">frame size (bytes)</text>\n",
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
+    for k in 0..=4 {
+        let v = max * f64::from(k) / 4.0;
+        out += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.1}</text>\n<line x1=\"{left}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#eeeeee\"/>\n",
+            left - 6.0,
+            ys(v) + 4.0,
+            w - right,
+            y = ys(v)
+        );
+    }
+    for (i, (path, dir, name, color)) in series.iter().enumerate() {
+        let pts: Vec<String> = r
+            .rows
+            .iter()
+            .filter(|x| x.path == *path && x.dir == *dir)
+            .map(|x| format!("{:.1},{:.1}", xs(x.size), ys(x.mpps)))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        out += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            pts.join(" ")
+        );
+        let ly = top + 20.0 * i as f64;
+        out += &format!(
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{name}</text>\n",
+            w - right + 15.0,
+            w - right + 40.0,
+            w - right + 46.0,
+            ly + 4.0
+        );
+    }
+    out += "</svg>\n";
+    out
+}
+
+/// Sends exactly `n` 64-byte frames guest → peer and returns how many the
+/// peer received: a fixed amount of device-worker work for callgrind.
+pub fn worker_frames(n: u64) -> std::io::Result<u64> {
+    let (dev_end, peer_end) = unique_pipe("cg", 64);
+    let port = Port::open(&dev_end, &PortOptions::default()).map_err(std::io::Error::other)?;
+    let mut drv = SyntheticDriver::new(QUEUE_SIZE)?;
+    let mut net = Net::new([2, 0, 0, 0, 0, 1], port);
+    net.activate(drv.activation(features()))
+        .map_err(std::io::Error::other)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let opts = PktGenOptions {
+                port: peer_end,
+                mode: Mode::Rx,
+                count: n,
+                report: Duration::from_secs(3600),
+                verbose: false,
+                check: false,
+                idle_timeout: Some(Duration::from_secs(60)),
+                ..PktGenOptions::default()
+            };
+            pktgen::run(&opts, &stop).map(|r| r.received).unwrap_or(0)
+        })
+    };
+    let mut f = vec![0u8; frame::MAX_LEN];
+    frame::build(&mut f, 64, 0, &Endpoints::default());
+    let mut buf = Vec::new();
+    SyntheticDriver::tx_buffer(&f[..64], &mut buf);
+    drive_tx(&mut drv, &buf, n, || peer.is_finished());
+    let received = peer.join().unwrap_or(0);
+    net.reset();
+    Ok(received)
+}
