@@ -183,7 +183,8 @@ impl Net {
         self.counters.clone()
     }
 
-    /// The features the driver accepted (0 before activation).
+    /// The features the driver accepted when it last activated the device (0
+    /// before that; a reset keeps them, so they can be reported at exit).
     pub fn acked_features(&self) -> Arc<AtomicU64> {
         self.acked.clone()
     }
@@ -285,7 +286,6 @@ impl VirtioDevice for Net {
                 Err(_) => warn!("virtio-net: the device worker panicked; the port is lost"),
             }
         }
-        self.acked.store(0, Ordering::Relaxed);
         self.needs_reset.store(false, Ordering::Relaxed);
     }
 
