@@ -46,6 +46,10 @@ pub struct Row {
     pub avg_batch: f64,
     /// Frames counted.
     pub frames: u64,
+    /// The lowest Mpps of the repeated measurements (this row is their median).
+    pub mpps_min: f64,
+    /// The highest Mpps of the repeated measurements.
+    pub mpps_max: f64,
 }
 
 /// A whole run.
@@ -55,6 +59,8 @@ pub struct BenchReport {
     pub cores: usize,
     /// Seconds per measurement.
     pub seconds: f64,
+    /// Measurements per point (each row is their median).
+    pub repeat: u32,
     /// Where the threads ran.
     pub threads: &'static str,
     /// Every row.
@@ -78,6 +84,8 @@ fn row(path: &'static str, dir: &'static str, size: usize, frames: u64, secs: f6
         irqs_per_pkt: 0.0,
         avg_batch: 0.0,
         frames,
+        mpps_min: pps / 1e6,
+        mpps_max: pps / 1e6,
     }
 }
 
@@ -344,15 +352,20 @@ pub fn copy_limit(size: usize, dur: Duration) -> Row {
 }
 
 /// Runs every row.
-pub fn run(sizes: &[usize], dur: Duration) -> std::io::Result<BenchReport> {
+pub fn run(sizes: &[usize], dur: Duration, repeat: u32) -> std::io::Result<BenchReport> {
     let mut rows = Vec::new();
     let mut tap_ok = true;
     for &size in sizes {
-        rows.push(copy_limit(size, dur));
-        rows.push(netmap_tx(size, dur)?);
-        rows.push(netmap_rx(size, dur)?);
+        rows.push(median_of(repeat, || {
+            Ok::<_, std::io::Error>(copy_limit(size, dur))
+        })?);
+        rows.push(median_of(repeat, || netmap_tx(size, dur))?);
+        rows.push(median_of(repeat, || netmap_rx(size, dur))?);
         if tap_ok {
-            for r in [tap_tx(size, dur), tap_rx(size, dur)] {
+            for r in [
+                median_of(repeat, || tap_tx(size, dur)),
+                median_of(repeat, || tap_rx(size, dur)),
+            ] {
                 match r {
                     Ok(r) => rows.push(r),
                     Err(e) => {
@@ -367,24 +380,39 @@ pub fn run(sizes: &[usize], dur: Duration) -> std::io::Result<BenchReport> {
     Ok(BenchReport {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         seconds: dur.as_secs_f64(),
+        repeat,
         threads: "unpinned: synthetic driver, device worker and netmap peer each on its own thread",
         rows,
     })
 }
 
+/// Measures one point `n` times; the median row, with the spread.
+fn median_of<E>(n: u32, mut measure: impl FnMut() -> Result<Row, E>) -> Result<Row, E> {
+    let mut all = (0..n.max(1))
+        .map(|_| measure())
+        .collect::<Result<Vec<Row>, E>>()?;
+    all.sort_by(|a, b| a.mpps.total_cmp(&b.mpps));
+    let (lo, hi) = (all[0].mpps, all[all.len() - 1].mpps);
+    let mut mid = all.swap_remove(all.len() / 2);
+    mid.mpps_min = lo;
+    mid.mpps_max = hi;
+    Ok(mid)
+}
+
 /// The human table.
 pub fn table(r: &BenchReport) -> String {
     let mut out = format!(
-        "{:<6} {:<4} {:>5} {:>9} {:>8} {:>11} {:>10} {:>9}\n",
-        "path", "dir", "size", "Mpps", "Gbit/s", "kicks/pkt", "irqs/pkt", "batch"
+        "{:<6} {:<4} {:>5} {:>9} {:>17} {:>8} {:>11} {:>10} {:>9}\n",
+        "path", "dir", "size", "Mpps", "(min-max)", "Gbit/s", "kicks/pkt", "irqs/pkt", "batch"
     );
     for row in &r.rows {
         out.push_str(&format!(
-            "{:<6} {:<4} {:>5} {:>9.3} {:>8.2} {:>11.5} {:>10.5} {:>9.1}\n",
+            "{:<6} {:<4} {:>5} {:>9.3} {:>17} {:>8.2} {:>11.5} {:>10.5} {:>9.1}\n",
             row.path,
             row.dir,
             row.size,
             row.mpps,
+            format!("({:.2}-{:.2})", row.mpps_min, row.mpps_max),
             row.gbps,
             row.kicks_per_pkt,
             row.irqs_per_pkt,
@@ -436,14 +464,29 @@ pub fn svg(r: &BenchReport) -> String {
         ("tap", "tx", "tap TX", "#d62728"),
         ("tap", "rx", "tap RX", "#ff7f0e"),
     ];
-    let max = r.rows.iter().map(|x| x.mpps).fold(1.0_f64, f64::max) * 1.1;
+    // A log scale: the copy limit and the tap path are two to three
+    // decades apart, and a linear axis flattens everything between them.
+    let positive = || r.rows.iter().map(|x| x.mpps).filter(|&m| m > 0.0);
+    let lo = positive()
+        .fold(f64::INFINITY, f64::min)
+        .min(1.0)
+        .log10()
+        .floor();
+    let hi = positive()
+        .fold(1.0_f64, f64::max)
+        .log10()
+        .ceil()
+        .max(lo + 1.0);
     let xs = |size: usize| {
         let i = SIZES.iter().position(|&s| s == size).unwrap_or(0) as f64;
         left + i * (w - left - right) / (SIZES.len() - 1) as f64
     };
-    let ys = |mpps: f64| h - bottom - mpps / max * (h - bottom - top);
+    let ys = |mpps: f64| {
+        let l = mpps.max(10f64.powf(lo)).log10();
+        h - bottom - (l - lo) / (hi - lo) * (h - bottom - top)
+    };
     let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"24\" font-size=\"15\">Mpps by frame size ({} cores, {:.1} s per point)</text>\n",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"24\" font-size=\"15\">Mpps (log scale) by frame size ({} cores, {:.1} s per point)</text>\n",
         r.cores, r.seconds
     );
     out += &format!(
@@ -465,10 +508,10 @@ pub fn svg(r: &BenchReport) -> String {
         (left + w - right) / 2.0,
         h - 10.0
     );
-    for k in 0..=4 {
-        let v = max * f64::from(k) / 4.0;
+    for decade in lo as i32..=hi as i32 {
+        let v = 10f64.powi(decade);
         out += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.1}</text>\n<line x1=\"{left}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#eeeeee\"/>\n",
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v}</text>\n<line x1=\"{left}\" y1=\"{y}\" x2=\"{}\" y2=\"{y}\" stroke=\"#eeeeee\"/>\n",
             left - 6.0,
             ys(v) + 4.0,
             w - right,

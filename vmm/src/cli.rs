@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// Seconds per measurement (default 1, or 0.3 with --quick).
     #[arg(long, value_name = "SECONDS")]
     pub seconds: Option<f64>,
+    /// Measure every point N times and report the median (the table also
+    /// gives the lowest and highest): the machines are shared and noisy.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -122,7 +122,7 @@ fn bench(args: BenchArgs) -> ExitCode {
     } else {
         &nmvm::bench::SIZES
     };
-    let report = match nmvm::bench::run(sizes, dur) {
+    let report = match nmvm::bench::run(sizes, dur, args.repeat) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("nmvm bench: {e}");
