@@ -4,75 +4,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
+use common::net::{both, finish, pipe, pktgen, spawn, vm_with, LIMIT};
 use common::{nmvm, require_kvm, text};
-
-const LIMIT: Duration = Duration::from_secs(120);
-
-/// A pipe name unique to this test process and test.
-fn pipe(test: &str) -> (String, String) {
-    let base = format!("shm:t{}{test}", std::process::id());
-    (format!("{base}{{0"), format!("{base}}}0"))
-}
-
-fn spawn(cmd: &mut Command) -> Child {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn")
-}
-
-fn finish(mut child: Child, what: &str) -> Output {
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > LIMIT {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            let (o, e) = text(&out);
-            panic!("{what} did not finish within {LIMIT:?}\nstdout:\n{o}\nstderr:\n{e}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
-}
+use std::process::Child;
 
 fn vm(port: &str, cmdline: &str) -> Child {
-    require_kvm();
-    spawn(
-        nmvm()
-            .args([
-                "run",
-                "--stats",
-                "--timeout",
-                "100s",
-                "--net",
-                port,
-                "--cmdline",
-            ])
-            .arg(cmdline),
-    )
-}
-
-fn pktgen(port: &str, args: &[&str]) -> Child {
-    spawn(
-        nmvm()
-            .args(["pkt-gen", "-i", port, "--idle-timeout", "60s"])
-            .args(args),
-    )
-}
-
-fn both(vm: Child, pg: Child) -> ((i32, String, String), (i32, String, String)) {
-    let pg = finish(pg, "pkt-gen");
-    let vm = finish(vm, "nmvm run");
-    let (vo, ve) = text(&vm);
-    let (po, pe) = text(&pg);
-    (
-        (vm.status.code().unwrap_or(-1), vo, ve),
-        (pg.status.code().unwrap_or(-1), po, pe),
-    )
+    vm_with(port, &[], cmdline)
 }
 
 #[test]

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nmvm_devices::netmap::{Port, PortOptions};
-use nmvm_devices::virtio::driver::SyntheticDriver;
+use nmvm_devices::virtio::driver::{PassthroughDriver, SyntheticDriver};
 use nmvm_devices::virtio::net::{Net, NetCounters, F_MRG_RXBUF};
+use nmvm_devices::virtio::passthrough::F_NMVM_NETMAP;
 use nmvm_devices::virtio::tap::{PacketSocket, Tap, TapNet};
 use nmvm_devices::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
 use serde::Serialize;
@@ -28,7 +29,7 @@ const QUEUE_SIZE: u16 = 256;
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    /// `nmvm`, `tap` or `copy`.
+    /// `nmvm` (virtio path), `passthrough`, `tap` or `copy`.
     pub path: &'static str,
     /// `tx` (guest to peer) or `rx` (peer to guest); `copy` for the limit.
     pub dir: &'static str,
@@ -252,6 +253,128 @@ pub fn netmap_rx(size: usize, dur: Duration) -> std::io::Result<Row> {
     Ok(r)
 }
 
+/// A device with passthrough started and the synthetic netmap-aware guest
+/// that operates its rings.
+fn passthrough_device(dev_end: &str) -> std::io::Result<(Net, SyntheticDriver, PassthroughDriver)> {
+    use nmvm_devices::virtio::passthrough::{cfg, CFG_BASE, CONTROL_ON};
+    let port = Port::open(dev_end, &PortOptions::default()).map_err(std::io::Error::other)?;
+    let drv = SyntheticDriver::new(QUEUE_SIZE)?;
+    let mut net = Net::new([2, 0, 0, 0, 0, 1], port);
+    let g = net.enable_passthrough().map_err(std::io::Error::other)?;
+    let (base, len) = net
+        .port_region()
+        .ok_or_else(|| std::io::Error::other("the port has no region"))?;
+    net.activate(drv.activation(features() | F_NMVM_NETMAP))
+        .map_err(std::io::Error::other)?;
+    // SAFETY: `net` owns the port and so keeps its region mapped, and the
+    // caller keeps `net` and `drv` alive as long as the guest side lives
+    // (they are returned together and dropped together).
+    let pd = unsafe { PassthroughDriver::new(&drv, base, len, &g) }?;
+    for (ofs, v) in [
+        (cfg::CSB_LO, pd.csb_gpa as u32),
+        (cfg::CSB_HI, (pd.csb_gpa >> 32) as u32),
+        (cfg::CONTROL, 1),
+    ] {
+        net.write_config(CFG_BASE + ofs, &v.to_le_bytes());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut b = [0u8; 4];
+        net.read_config(CFG_BASE + cfg::CONTROL, &mut b);
+        if u32::from_le_bytes(b) == CONTROL_ON {
+            return Ok((net, drv, pd));
+        }
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other("passthrough did not start"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Guest → peer with the guest operating the passed-through rings.
+pub fn passthrough_tx(size: usize, dur: Duration) -> std::io::Result<Row> {
+    let (dev_end, peer_end) = unique_pipe("ptx", size);
+    let (mut net, drv, mut pd) = passthrough_device(&dev_end)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = peer(peer_end, Mode::Rx, size, stop.clone());
+    let mut f = vec![0u8; frame::MAX_LEN];
+    frame::build(&mut f, size.max(frame::MIN_LEN), 0, &Endpoints::default());
+    let end = Instant::now() + dur;
+    while Instant::now() < end {
+        let mut put = 0;
+        while pd.tx_put(&f[..size]) {
+            put += 1;
+        }
+        if put > 0 {
+            pd.tx_publish();
+            continue;
+        }
+        // Full: sleep until the device frees slots.
+        pd.want_interrupt(true, true);
+        if pd.tx_room() == 0 {
+            wait_interrupt(&drv, 10);
+        }
+        pd.want_interrupt(true, false);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let report = peer.join().ok().flatten().unwrap_or_default();
+    let counters = net.counters();
+    net.reset();
+    let mut r = row(
+        "passthrough",
+        "tx",
+        size,
+        report.received,
+        report.elapsed.as_secs_f64(),
+    );
+    pt_ratios(&mut r, &pd, &drv, &counters, 1);
+    Ok(r)
+}
+
+/// Peer → guest with the guest operating the passed-through rings.
+pub fn passthrough_rx(size: usize, dur: Duration) -> std::io::Result<Row> {
+    let (dev_end, peer_end) = unique_pipe("prx", size);
+    let (mut net, drv, mut pd) = passthrough_device(&dev_end)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = peer(peer_end, Mode::Tx, size, stop.clone());
+    let (mut frames, start) = (0u64, Instant::now());
+    let end = start + dur;
+    while Instant::now() < end {
+        let got = pd.rx_take(|_| {});
+        if got > 0 {
+            frames += u64::from(got);
+            pd.rx_publish();
+            continue;
+        }
+        pd.want_interrupt(false, true);
+        if pd.rx_pending() == 0 {
+            wait_interrupt(&drv, 10);
+        }
+        pd.want_interrupt(false, false);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = peer.join();
+    let counters = net.counters();
+    net.reset();
+    let mut r = row("passthrough", "rx", size, frames, secs);
+    pt_ratios(&mut r, &pd, &drv, &counters, 0);
+    Ok(r)
+}
+
+fn pt_ratios(
+    r: &mut Row,
+    pd: &PassthroughDriver,
+    drv: &SyntheticDriver,
+    counters: &NetCounters,
+    queue: usize,
+) {
+    let f = r.frames.max(1) as f64;
+    r.kicks_per_pkt = pd.kicks as f64 / f;
+    r.irqs_per_pkt = drv.interrupt.counts[queue].load(Ordering::Relaxed) as f64 / f;
+    r.avg_batch = f / counters.wakeups.load(Ordering::Relaxed).max(1) as f64;
+}
+
 /// Guest → tap through the same kind of device worker with writev, an
 /// AF_PACKET reader on the interface counting frames.
 pub fn tap_tx(size: usize, dur: Duration) -> Result<Row, String> {
@@ -361,6 +484,8 @@ pub fn run(sizes: &[usize], dur: Duration, repeat: u32) -> std::io::Result<Bench
         })?);
         rows.push(median_of(repeat, || netmap_tx(size, dur))?);
         rows.push(median_of(repeat, || netmap_rx(size, dur))?);
+        rows.push(median_of(repeat, || passthrough_tx(size, dur))?);
+        rows.push(median_of(repeat, || passthrough_rx(size, dur))?);
         if tap_ok {
             for r in [
                 median_of(repeat, || tap_tx(size, dur)),
@@ -402,12 +527,12 @@ fn median_of<E>(n: u32, mut measure: impl FnMut() -> Result<Row, E>) -> Result<R
 /// The human table.
 pub fn table(r: &BenchReport) -> String {
     let mut out = format!(
-        "{:<6} {:<4} {:>5} {:>9} {:>17} {:>8} {:>11} {:>10} {:>9}\n",
+        "{:<11} {:<4} {:>5} {:>9} {:>17} {:>8} {:>11} {:>10} {:>9}\n",
         "path", "dir", "size", "Mpps", "(min-max)", "Gbit/s", "kicks/pkt", "irqs/pkt", "batch"
     );
     for row in &r.rows {
         out.push_str(&format!(
-            "{:<6} {:<4} {:>5} {:>9.3} {:>17} {:>8.2} {:>11.5} {:>10.5} {:>9.1}\n",
+            "{:<11} {:<4} {:>5} {:>9.3} {:>17} {:>8.2} {:>11.5} {:>10.5} {:>9.1}\n",
             row.path,
             row.dir,
             row.size,
@@ -448,6 +573,12 @@ pub fn ratio_lines(r: &BenchReport) -> Vec<String> {
             if let Some(t) = find("tap", dir, size) {
                 line.push_str(&format!(", {:.1}x the tap path", n / t));
             }
+            if let Some(p) = find("passthrough", dir, size) {
+                line.push_str(&format!(
+                    "; passthrough {p:.2} Mpps, {:.2}x the virtio path",
+                    p / n
+                ));
+            }
             lines.push(line);
         }
     }
@@ -461,6 +592,8 @@ pub fn svg(r: &BenchReport) -> String {
         ("copy", "copy", "copy limit", "#888888"),
         ("nmvm", "tx", "nmvm TX", "#1f77b4"),
         ("nmvm", "rx", "nmvm RX", "#2ca02c"),
+        ("passthrough", "tx", "passthrough TX", "#9467bd"),
+        ("passthrough", "rx", "passthrough RX", "#8c564b"),
         ("tap", "tx", "tap TX", "#d62728"),
         ("tap", "rx", "tap RX", "#ff7f0e"),
     ];

@@ -252,6 +252,11 @@ pub struct RunArgs {
     /// through to the peer (kernel ports: ask the VALE port for it).
     #[arg(long)]
     pub vnet_hdr: bool,
+    /// Let a netmap-aware guest operate the port's rings itself: map the
+    /// port's netmap memory region into the guest (BAR 2 of the device)
+    /// and offer feature bit 45. See the README, "Netmap passthrough".
+    #[arg(long, requires = "net")]
+    pub passthrough: bool,
     /// The virtio-net device's MAC address.
     #[arg(long, value_name = "MAC", default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
     pub mac: [u8; 6],

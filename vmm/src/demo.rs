@@ -49,6 +49,7 @@ pub fn run(frames: u64, window: usize, started: Instant) -> Result<DemoReport, S
             port: format!("{pipe}{{0"),
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
             vnet_hdr: false,
+            passthrough: false,
         }),
     };
     let vm_thread = std::thread::Builder::new()

@@ -28,9 +28,19 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line: clap's first line says what is wrong.
+            // One line: clap's first paragraph says what is wrong (some
+            // messages end in ':' and list the arguments on the next lines).
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("bad command line");
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = if first.is_empty() {
+                "bad command line".to_string()
+            } else {
+                first.join(" ")
+            };
             eprintln!(
                 "nmvm: {} (see nmvm --help)",
                 first.trim_start_matches("error: ")
@@ -85,6 +95,7 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
             port,
             mac: args.mac,
             vnet_hdr: args.vnet_hdr,
+            passthrough: args.passthrough,
         }),
     };
     match vm::run(&cfg) {
@@ -274,7 +285,7 @@ fn write_report(target: Option<&ReportTarget>, report: &Report) {
 
 /// Names of the virtio-net feature bits in `f`.
 fn feature_names(f: u64) -> String {
-    const NAMES: [(u32, &str); 11] = [
+    const NAMES: [(u32, &str); 12] = [
         (0, "CSUM"),
         (1, "GUEST_CSUM"),
         (5, "MAC"),
@@ -286,6 +297,7 @@ fn feature_names(f: u64) -> String {
         (16, "STATUS"),
         (29, "EVENT_IDX"),
         (32, "VERSION_1"),
+        (45, "NMVM_NETMAP"),
     ];
     let names: Vec<&str> = NAMES
         .iter()
@@ -394,6 +406,23 @@ fn report(outcome: &RunOutcome, stats: bool) {
             }
         );
         eprintln!("  virtio-net counters     {}", net.counters.summary());
+        let packets = get(&net.counters.tx_frames) + get(&net.counters.rx_frames);
+        let notifications = get(&net.counters.kicks) + get(&net.counters.interrupts);
+        let per = |n: u64| n as f64 / packets.max(1) as f64;
+        eprintln!(
+            "  per packet              {packets} packets, {notifications} notifications: {:.4} VM exits and {:.4} notifications per packet",
+            per(e.total()),
+            per(notifications)
+        );
+        if let Some(pt) = &net.passthrough {
+            eprintln!(
+                "  netmap passthrough      {} syncs, {} worker sleeps, {} interrupts, {} starts refused (packets are slots)",
+                get(&pt.syncs),
+                get(&pt.sleeps),
+                get(&pt.interrupts),
+                get(&pt.refused)
+            );
+        }
         let p = &net.port;
         eprintln!(
             "  netmap peer             bad index {}, bad buf_idx {}, bad len {}, bad frames {}, rings repaired {}",

@@ -16,7 +16,8 @@ use nmvm_devices::legacy::{ExitDevice, EXIT_PORT, I8042, I8042_BASE, I8042_LEN};
 use nmvm_devices::netmap::{NetmapError, Port, PortOptions, PortStats};
 use nmvm_devices::pci::{PciConfigIo, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use nmvm_devices::serial::{COM1_BASE, COM1_IRQ, SERIAL_LEN};
-use nmvm_devices::virtio::net::{Net, NetCounters};
+use nmvm_devices::virtio::net::{Net, NetCounters, PassthroughControl};
+use nmvm_devices::virtio::passthrough::SHM_ID_NETMAP;
 use nmvm_devices::virtio::pci::{TransportStats, VirtioPci};
 use nmvm_devices::{GuestStop, StopVm};
 use regex::Regex;
@@ -76,6 +77,14 @@ pub enum VmError {
         source: Box<NetmapError>,
     },
     /// A thread could not be started.
+    /// `--passthrough` cannot be offered on this port.
+    #[error("--passthrough with --net {port}: {reason}")]
+    Passthrough {
+        /// The port name.
+        port: String,
+        /// Why not.
+        reason: String,
+    },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -121,12 +130,19 @@ pub struct NetSpec {
     pub mac: [u8; 6],
     /// Carry a 12-byte virtio-net header on the port (offloads).
     pub vnet_hdr: bool,
+    /// Map the port's region into the guest for netmap passthrough.
+    pub passthrough: bool,
 }
 
 /// Where the virtio-net device's BAR 0 sits: the start of the MMIO hole.
 pub const NET_BAR_ADDR: u64 = layout::MMIO_HOLE_START;
 /// PCI slot of the virtio-net device (00:01.0).
 pub const NET_PCI_SLOT: u8 = 1;
+/// Where the virtio-net device's BAR 2 (netmap passthrough) sits.
+pub const NET_SHM_ADDR: u64 = 0xd000_0000;
+/// The largest region passthrough maps (BAR 2 must fit in the MMIO hole
+/// below the IOAPIC, aligned to its power-of-two size).
+pub const NET_SHM_MAX: u64 = 256 << 20;
 /// MSI-X vectors: one per queue and one for configuration changes.
 const NET_MSIX_VECTORS: usize = 3;
 
@@ -145,6 +161,8 @@ pub struct NetOutcome {
     pub bad_msix_accesses: u64,
     /// Whether the driver used MSI-X.
     pub msix_enabled: bool,
+    /// Netmap passthrough registers and counters (with `--passthrough`).
+    pub passthrough: Option<Arc<PassthroughControl>>,
 }
 
 /// Where the console goes and what decides the run from it.
@@ -533,6 +551,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
 /// The live network device, for reading its figures at the end.
 struct NetHandle {
     pci: Arc<Mutex<VirtioPci>>,
+    passthrough: Option<Arc<PassthroughControl>>,
     counters: Arc<NetCounters>,
     features: Arc<AtomicU64>,
     port_stats: Arc<Mutex<PortStats>>,
@@ -555,6 +574,7 @@ impl NetHandle {
             bad_register_accesses: self.transport.bad_accesses.load(Ordering::Relaxed),
             bad_msix_accesses,
             msix_enabled,
+            passthrough: self.passthrough,
         }
     }
 }
@@ -573,13 +593,50 @@ fn add_net_device(
         port: spec.port.clone(),
         source: Box::new(e),
     })?;
-    let net = Net::new(spec.mac, port);
+    let mut net = Net::new(spec.mac, port);
+    let shared = if spec.passthrough {
+        let geometry = net
+            .enable_passthrough()
+            .map_err(|reason| VmError::Passthrough {
+                port: spec.port.clone(),
+                reason,
+            })?;
+        let (host, len) = net
+            .port_region()
+            .ok_or_else(|| VmError::Device("virtio-net: the port has no region".into()))?;
+        // Whole pages: the last page of the mapping is mapped in full.
+        let mapped = (len as u64).next_multiple_of(4096);
+        let bar_size = mapped.next_power_of_two();
+        if bar_size > NET_SHM_MAX {
+            return Err(VmError::Passthrough {
+                port: spec.port.clone(),
+                reason: format!(
+                    "the port's netmap region is {} MiB; passthrough maps at most {} MiB \
+                     (use fewer or smaller rings or buffers)",
+                    geometry.region_size >> 20,
+                    NET_SHM_MAX >> 20
+                ),
+            });
+        }
+        Some((host, mapped, bar_size, len as u64))
+    } else {
+        None
+    };
     let counters = net.counters();
     let features = net.acked_features();
     let port_stats = net.port_stats();
+    let passthrough = net.passthrough_control();
     let vectors = vm.msi_vectors(NET_MSIX_VECTORS)?;
-    let dev = VirtioPci::new(Box::new(net), NET_BAR_ADDR, vectors, mem.clone())
+    let mut dev = VirtioPci::new(Box::new(net), NET_BAR_ADDR, vectors, mem.clone())
         .map_err(|e| VmError::Device(format!("virtio-net: {e}")))?;
+    if let Some((host, mapped, bar_size, len)) = shared {
+        // SAFETY: the region is the port's shared read-write mapping, owned
+        // by the port inside `dev`, which the VM keeps until its vCPUs have
+        // stopped for good (NetHandle::finish runs after stop_vcpus); the
+        // port never unmaps or remaps it while it lives.
+        unsafe { vm.map_shared_memory(NET_SHM_ADDR, host, mapped as usize) }?;
+        dev.add_shared_memory(NET_SHM_ADDR, bar_size, len, SHM_ID_NETMAP);
+    }
     for (addr, evt) in dev.notify_eventfds(NET_BAR_ADDR) {
         vm.register_mmio_notify(addr, &evt)?;
     }
@@ -588,6 +645,7 @@ fn add_net_device(
     lock(pci).add(NET_PCI_SLOT, dev.clone());
     Ok(NetHandle {
         pci: dev,
+        passthrough,
         counters,
         features,
         port_stats,

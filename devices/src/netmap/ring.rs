@@ -286,6 +286,83 @@ impl Ring {
         }
     }
 
+    /// The rings a netmap application finds through the `netmap_if` at
+    /// `nifp_offset` in a region, read as the application reads them (for
+    /// drivers that play a netmap-aware guest on a passed-through region):
+    /// (tx rings, rx rings), host rings left out.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Ring::from_parts`].
+    pub unsafe fn in_region(
+        base: NonNull<u8>,
+        region_len: usize,
+        nifp_offset: usize,
+    ) -> Result<(Vec<Ring>, Vec<Ring>), RingError> {
+        const MAX_RINGS: u32 = 64;
+        let words_end = nifp_offset as u128 + 56 + 8 * 2 * u128::from(MAX_RINGS + 1);
+        if nifp_offset % 8 != 0 || words_end > region_len as u128 {
+            return Err(RingError::OutOfRegion {
+                what: "netmap_if",
+                offset: nifp_offset as i128,
+                len: words_end - nifp_offset as u128,
+                region: region_len,
+            });
+        }
+        let read = |ofs: usize| -> i64 {
+            // SAFETY: the netmap_if header and the largest ring_ofs[] we
+            // read lie inside the mapped region (checked above) and are
+            // 8-aligned; each is a plain integer read once, volatile.
+            unsafe {
+                base.as_ptr()
+                    .add(nifp_offset + ofs)
+                    .cast::<i64>()
+                    .read_volatile()
+            }
+        };
+        let read32 = |ofs: usize| -> u32 {
+            // SAFETY: as above, 4-byte fields at 4-aligned offsets.
+            unsafe {
+                base.as_ptr()
+                    .add(nifp_offset + ofs)
+                    .cast::<u32>()
+                    .read_volatile()
+            }
+        };
+        let (ntx, nrx, nhost_tx) = (read32(24), read32(28), read32(36));
+        for (what, v) in [
+            ("ni_tx_rings", ntx),
+            ("ni_rx_rings", nrx),
+            ("ni_host_tx_rings", nhost_tx),
+        ] {
+            if v > MAX_RINGS {
+                return Err(RingError::BadGeometry {
+                    what,
+                    value: u64::from(v),
+                    range: "0..=64",
+                });
+            }
+        }
+        let ring = |i: u32| -> Result<Ring, RingError> {
+            let ofs = nifp_offset as i128 + i128::from(read(56 + 8 * i as usize));
+            if ofs < 0 || ofs > region_len as i128 {
+                return Err(RingError::OutOfRegion {
+                    what: "ring",
+                    offset: ofs,
+                    len: 0,
+                    region: region_len,
+                });
+            }
+            // SAFETY: forwarded contract; the header is checked inside.
+            unsafe { Ring::from_header(base, region_len, ofs as usize) }
+        };
+        let tx = (0..ntx).map(ring).collect::<Result<Vec<_>, _>>()?;
+        let rx = (0..nrx)
+            .map(|i| ring(i + ntx + nhost_tx))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((tx, rx))
+    }
+
     #[inline]
     fn hdr_u32(&self, ofs: usize) -> &AtomicU32 {
         // SAFETY: `ofs` is one of HEAD/CUR/TAIL_OFS, inside the 256-byte

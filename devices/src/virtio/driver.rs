@@ -8,12 +8,13 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::net::HDR_LEN;
 use super::splitq::{Desc, GuestRam, SplitRing, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use super::{Activation, VirtioInterrupt};
+use crate::netmap::Ring;
 
 pub use super::splitq::need_event;
 
@@ -339,6 +340,218 @@ impl SyntheticDriver {
         out.clear();
         out.resize(HDR_LEN, 0);
         out.extend_from_slice(frame);
+    }
+}
+
+/// A synthetic netmap-aware guest: operates a passed-through port's rings
+/// through the CSB protocol (see [`super::passthrough`]), on the region's
+/// host mapping and a CSB in the synthetic driver's memory. First tx and
+/// rx ring only.
+pub struct PassthroughDriver {
+    /// The first tx ring, as the guest sees it.
+    pub tx: Ring,
+    /// The first rx ring.
+    pub rx: Ring,
+    csb: NonNull<u8>,
+    /// Guest-physical address of the CSB (for `csb_addr_lo/hi`).
+    pub csb_gpa: u64,
+    rx_entry: usize,
+    tx_kick: Arc<EventFd>,
+    rx_kick: Arc<EventFd>,
+    /// The guest's own `head` (= `cur`) per direction.
+    tx_head: u32,
+    rx_head: u32,
+    /// Kicks sent (tx, rx).
+    pub kicks: u64,
+    /// Bytes of virtio-net header in front of each frame on the port.
+    pub hdr_len: usize,
+}
+
+// SAFETY: `csb` points into the synthetic driver's guest memory, which the
+// caller of `new` keeps alive; the rings' contract is forwarded. One thread
+// uses the driver at a time.
+unsafe impl Send for PassthroughDriver {}
+
+impl PassthroughDriver {
+    /// The guest side of passthrough for `drv`, whose device exposes the
+    /// region `[base, base + len)` with the given geometry. Puts the CSB in
+    /// the last page of `drv`'s memory and fills it as the guest must before
+    /// it writes `control`.
+    ///
+    /// # Safety
+    ///
+    /// The region must stay mapped, and `drv` alive, for as long as the
+    /// returned value lives.
+    pub unsafe fn new(
+        drv: &SyntheticDriver,
+        base: NonNull<u8>,
+        len: usize,
+        g: &super::passthrough::Geometry,
+    ) -> std::io::Result<Self> {
+        // SAFETY: forwarded contract.
+        let (mut tx, mut rx) = unsafe { Ring::in_region(base, len, g.nifp_offset as usize) }
+            .map_err(std::io::Error::other)?;
+        let (Some(tx), Some(rx)) = (tx.drain(..).next(), rx.drain(..).next()) else {
+            return Err(std::io::Error::other("the port has no rings"));
+        };
+        let ram = GuestRam::new(&drv.mem).map_err(std::io::Error::other)?;
+        let size = drv.mem.iter().map(|r| r.len()).sum::<u64>();
+        let entries = g.rings();
+        let csb_gpa = size - 4096;
+        let csb = ram
+            .translate(csb_gpa, entries * super::passthrough::CSB_ENTRY)
+            .ok_or_else(|| std::io::Error::other("no room for the CSB"))?;
+        let d = Self {
+            tx_head: tx.head(),
+            rx_head: rx.head(),
+            tx,
+            rx,
+            csb,
+            csb_gpa,
+            rx_entry: g.tx_rings as usize,
+            tx_kick: drv.tx.kick.clone(),
+            rx_kick: drv.rx.kick.clone(),
+            kicks: 0,
+            hdr_len: g.vnet_hdr_len as usize,
+        };
+        use super::passthrough::csb::{CUR, GUEST_NEED_KICK, HEAD};
+        for (e, h) in [(0, d.tx_head), (d.rx_entry, d.rx_head)] {
+            d.word(e, HEAD).store(h, Ordering::Relaxed);
+            d.word(e, CUR).store(h, Ordering::Relaxed);
+            d.word(e, GUEST_NEED_KICK).store(0, Ordering::Relaxed);
+        }
+        fence(Ordering::SeqCst);
+        Ok(d)
+    }
+
+    fn word(&self, entry: usize, ofs: usize) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: `entry` is 0 or `rx_entry` (< the ring count `new`
+        // translated the CSB for) and `ofs` one of the CSB field offsets,
+        // so the word is inside the translated, live CSB; it is 4-aligned
+        // (the CSB is page-aligned) and only accessed atomically.
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(
+                self.csb
+                    .as_ptr()
+                    .add(entry * super::passthrough::CSB_ENTRY as usize + ofs)
+                    .cast(),
+            )
+        }
+    }
+
+    fn hwtail(&self, entry: usize) -> u32 {
+        self.word(entry, super::passthrough::csb::HWTAIL)
+            .load(Ordering::Acquire)
+    }
+
+    /// Free tx slots the guest may fill now.
+    pub fn tx_room(&self) -> u32 {
+        let (h, t, n) = (self.tx_head, self.hwtail(0), self.tx.num_slots());
+        if t >= h {
+            t - h
+        } else {
+            t + n - h
+        }
+    }
+
+    /// Writes `frame` (after a zeroed header if the port has one) into the
+    /// next free tx slot. False if there is none or it does not fit.
+    pub fn tx_put(&mut self, frame: &[u8]) -> bool {
+        let total = self.hdr_len + frame.len();
+        if self.tx_room() == 0 || total > self.tx.buf_size() as usize {
+            return false;
+        }
+        let i = self.tx_head;
+        let hdr = self.hdr_len;
+        let Some(buf) = self.tx.tx_buf(i) else {
+            return false;
+        };
+        buf[..hdr].fill(0);
+        buf[hdr..total].copy_from_slice(frame);
+        self.tx.set_len_flags(i, total as u16, 0);
+        self.tx_head = self.tx.next(i);
+        true
+    }
+
+    /// Puts `slot` as it is (hostile tests: any buffer index or length)
+    /// into the next tx slot.
+    pub fn tx_put_raw(&mut self, slot: crate::netmap::Slot) {
+        let i = self.tx_head;
+        self.tx.store_slot(i, slot);
+        self.tx_head = self.tx.next(i);
+    }
+
+    /// Publishes the filled tx slots and kicks the device if it sleeps.
+    pub fn tx_publish(&mut self) {
+        self.publish(0, self.tx_head, true);
+    }
+
+    /// Asks for (or stops asking for) an interrupt when the tx (`tx`) or rx
+    /// ring's `hwtail` moves. After asking, look at the ring once more
+    /// before sleeping, or a move just before is missed.
+    pub fn want_interrupt(&self, tx: bool, on: bool) {
+        let e = if tx { 0 } else { self.rx_entry };
+        self.word(e, super::passthrough::csb::GUEST_NEED_KICK)
+            .store(u32::from(on), Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Received frames waiting in `[head, hwtail)`.
+    pub fn rx_pending(&self) -> u32 {
+        let (h, t, n) = (
+            self.rx_head,
+            self.hwtail(self.rx_entry),
+            self.rx.num_slots(),
+        );
+        if t >= h {
+            t - h
+        } else {
+            t + n - h
+        }
+    }
+
+    /// Publishes an arbitrary tx `head` (for hostile tests).
+    pub fn tx_publish_raw(&mut self, head: u32) {
+        self.publish(0, head, true);
+    }
+
+    /// Takes every received frame, calling `f` with each (header removed);
+    /// returns how many. Call [`Self::rx_publish`] to return the slots.
+    pub fn rx_take(&mut self, mut f: impl FnMut(&[u8])) -> u32 {
+        let t = self.hwtail(self.rx_entry);
+        let mut n = 0;
+        while self.rx_head != t {
+            if let Some((data, _)) = self.rx.frag(self.rx_head) {
+                f(data.get(self.hdr_len..).unwrap_or(&[]));
+            }
+            self.rx_head = self.rx.next(self.rx_head);
+            n += 1;
+        }
+        n
+    }
+
+    /// Returns the taken rx slots and kicks the device if it sleeps.
+    pub fn rx_publish(&mut self) {
+        self.publish(self.rx_entry, self.rx_head, false);
+    }
+
+    fn publish(&mut self, entry: usize, head: u32, tx: bool) {
+        use super::passthrough::csb::{CUR, HEAD, HOST_NEED_KICK};
+        self.word(entry, CUR).store(head, Ordering::Relaxed);
+        self.word(entry, HEAD).store(head, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.word(entry, HOST_NEED_KICK).load(Ordering::Relaxed) != 0 {
+            let _ = if tx { &self.tx_kick } else { &self.rx_kick }.write(1);
+            self.kicks += 1;
+        }
+    }
+
+    /// The device's `hwcur`/`hwtail` for the tx ring (after a reset the
+    /// guest resumes from there).
+    pub fn tx_resync(&mut self) {
+        self.tx_head = self
+            .word(0, super::passthrough::csb::HWCUR)
+            .load(Ordering::Acquire);
     }
 }
 

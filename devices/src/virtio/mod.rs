@@ -4,6 +4,7 @@
 
 pub mod driver;
 pub mod net;
+pub mod passthrough;
 pub mod pci;
 pub mod splitq;
 pub mod tap;

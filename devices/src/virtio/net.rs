@@ -22,7 +22,7 @@
 //! the port's region.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -31,6 +31,9 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::passthrough::{
+    self, Csb, Geometry, Kloop, StartError, CONTROL_OFF, CONTROL_ON, CONTROL_REFUSED, F_NMVM_NETMAP,
+};
 use super::splitq::{BadAvailIndex, Chain, DeviceQueue, GuestRam, OneBuf};
 use super::{Activation, VirtioDevice, VirtioInterrupt, F_RING_EVENT_IDX, F_VERSION_1};
 use crate::bus::lock;
@@ -148,6 +151,49 @@ pub struct Net {
     features: u64,
     acked: Arc<AtomicU64>,
     port_stats: Arc<Mutex<PortStats>>,
+    /// Set when the port's rings may be passed through to the guest.
+    passthrough: Option<(Geometry, Arc<PassthroughControl>)>,
+}
+
+/// The passthrough registers, shared by the transport (guest writes, on a
+/// vCPU thread) and the device worker (which acts on them).
+#[derive(Debug, Default)]
+pub struct PassthroughControl {
+    csb_lo: AtomicU32,
+    csb_hi: AtomicU32,
+    /// 0: nothing asked; [`REQUEST_START`] or [`REQUEST_STOP`].
+    request: AtomicU32,
+    /// What `control` reads.
+    state: AtomicU32,
+    /// Syncs the worker did for the guest.
+    pub syncs: AtomicU64,
+    /// Interrupts the guest asked for and got.
+    pub interrupts: AtomicU64,
+    /// Times the worker slept and asked the guest for a kick.
+    pub sleeps: AtomicU64,
+    /// Starts refused (bad CSB address, feature not accepted, not running).
+    pub refused: AtomicU64,
+}
+
+/// netmap's global allocator (shared by every port that has no private
+/// region).
+const NETMAP_GLOBAL_MEM_ID: u16 = 1;
+
+const REQUEST_START: u32 = 1;
+const REQUEST_STOP: u32 = 2;
+
+impl PassthroughControl {
+    fn refuse(&self, why: &StartError) {
+        // Not a warning: the guest can repeat this at will; it is counted.
+        debug!("virtio-net: netmap passthrough refused: {why}");
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.state.store(CONTROL_REFUSED, Ordering::Release);
+    }
+
+    fn csb_addr(&self) -> u64 {
+        u64::from(self.csb_hi.load(Ordering::Acquire)) << 32
+            | u64::from(self.csb_lo.load(Ordering::Acquire))
+    }
 }
 
 impl Net {
@@ -169,7 +215,41 @@ impl Net {
             features,
             acked: Arc::new(AtomicU64::new(0)),
             port_stats: Arc::new(Mutex::new(PortStats::default())),
+            passthrough: None,
         }
+    }
+
+    /// Offers netmap passthrough ([`F_NMVM_NETMAP`]): the guest may operate
+    /// the port's rings itself, in the port's region, which the VMM maps
+    /// into guest-physical memory (BAR 2). Returns the region's geometry.
+    pub fn enable_passthrough(&mut self) -> Result<Geometry, String> {
+        let port = self
+            .port
+            .as_mut()
+            .ok_or("passthrough must be enabled before the device runs")?;
+        if !port.is_userspace() && port.mem_id() == NETMAP_GLOBAL_MEM_ID {
+            return Err(format!(
+                "{} uses netmap's global memory region, which other netmap applications \
+                 share; passthrough needs a port with a private region (e.g. a VALE port)",
+                port.name()
+            ));
+        }
+        let geometry = Geometry::of(port);
+        self.features |= F_NMVM_NETMAP;
+        let control = Arc::new(PassthroughControl::default());
+        self.passthrough = Some((geometry, control));
+        Ok(geometry)
+    }
+
+    /// The passthrough registers and counters, if passthrough is offered.
+    pub fn passthrough_control(&self) -> Option<Arc<PassthroughControl>> {
+        self.passthrough.as_ref().map(|(_, c)| c.clone())
+    }
+
+    /// The port's memory region (host address, length), to map into the
+    /// guest; `None` while the worker owns the port.
+    pub fn port_region(&self) -> Option<(std::ptr::NonNull<u8>, usize)> {
+        self.port.as_ref().map(|p| p.region())
     }
 
     /// What the netmap layer counted about the peer, as of the worker's
@@ -204,18 +284,62 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // mac[6], status u16 (link up), max_virtqueue_pairs u16.
-        let mut cfg = [0u8; 10];
+        // mac[6], status u16 (link up), max_virtqueue_pairs u16, then the
+        // passthrough fields at passthrough::CFG_BASE.
+        let mut cfg = [0u8; (passthrough::CFG_BASE + passthrough::CFG_LEN) as usize];
         cfg[..6].copy_from_slice(&self.mac);
         cfg[6..8].copy_from_slice(&1u16.to_le_bytes());
         cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        if let Some((geometry, control)) = &self.passthrough {
+            for ofs in (0..passthrough::CFG_LEN).step_by(4) {
+                let v = match ofs {
+                    passthrough::cfg::CSB_LO => control.csb_lo.load(Ordering::Acquire),
+                    passthrough::cfg::CSB_HI => control.csb_hi.load(Ordering::Acquire),
+                    passthrough::cfg::CONTROL => control.state.load(Ordering::Acquire),
+                    _ => geometry.field(ofs),
+                };
+                let at = (passthrough::CFG_BASE + ofs) as usize;
+                cfg[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
         for (i, b) in data.iter_mut().enumerate() {
             *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
         }
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // Nothing in virtio-net's configuration is writable for us.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only the passthrough registers are writable, as whole u32s.
+        let Some((_, control)) = &self.passthrough else {
+            return;
+        };
+        let (Some(rel), Ok(bytes)) = (
+            offset.checked_sub(passthrough::CFG_BASE),
+            <[u8; 4]>::try_from(data),
+        ) else {
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        match rel {
+            passthrough::cfg::CSB_LO => control.csb_lo.store(v, Ordering::Release),
+            passthrough::cfg::CSB_HI => control.csb_hi.store(v, Ordering::Release),
+            passthrough::cfg::CONTROL => {
+                let Some(running) = &self.running else {
+                    control.refuse(&StartError::NotRunning);
+                    return;
+                };
+                if v == 1 && self.acked.load(Ordering::Relaxed) & F_NMVM_NETMAP == 0 {
+                    control.refuse(&StartError::NotNegotiated);
+                    return;
+                }
+                let request = if v == 1 { REQUEST_START } else { REQUEST_STOP };
+                // Reads 0 until the worker has decided.
+                control.state.store(CONTROL_OFF, Ordering::Release);
+                control.request.store(request, Ordering::Release);
+                // Wakes the worker; it drains the eventfd unless stopping.
+                let _ = running.stop.write(1);
+            }
+            _ => {}
+        }
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
@@ -264,6 +388,11 @@ impl VirtioDevice for Net {
             tx_unsynced: 0,
             ones: Box::new([OneBuf::default(); CHUNK]),
             tally: Tally::default(),
+            passthrough: self
+                .passthrough
+                .as_ref()
+                .map(|(g, c)| (g.rings() as usize, c.clone())),
+            kloop: None,
         };
         let handle = std::thread::Builder::new()
             .name("nmvm-net".into())
@@ -278,6 +407,10 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
+        if let Some((_, control)) = &self.passthrough {
+            control.request.store(0, Ordering::Release);
+            control.state.store(CONTROL_OFF, Ordering::Release);
+        }
         if let Some(r) = self.running.take() {
             r.stopping.store(true, Ordering::Relaxed);
             let _ = r.stop.write(1);
@@ -433,6 +566,10 @@ struct Worker {
     /// Scratch: one-buffer chains for the fast paths.
     ones: Box<[OneBuf; CHUNK]>,
     tally: Tally,
+    /// With passthrough offered: CSB entries and the registers.
+    passthrough: Option<(usize, Arc<PassthroughControl>)>,
+    /// While passthrough runs: the rings are the guest's.
+    kloop: Option<Kloop>,
 }
 
 /// What happened to one received frame.
@@ -470,9 +607,32 @@ impl Worker {
         let mut tx_waits_for_port = false;
         // The avail index at which the receive queue ran out of buffers.
         let mut rx_waits_for_guest: Option<u16> = None;
+        // Passthrough: the guest waits for frames / the peer for room.
+        let (mut pt_rx_hungry, mut pt_tx_blocked) = (false, false);
         loop {
+            self.passthrough_requests();
             let mut progress = false;
-            if !self.needs_reset.load(Ordering::Relaxed) {
+            if let Some(k) = self.kloop.as_mut() {
+                let st = k.step(&mut self.port);
+                if st.tx_slots > 0 {
+                    self.counters
+                        .tx_frames
+                        .fetch_add(st.tx_slots, Ordering::Relaxed);
+                }
+                if st.rx_slots > 0 {
+                    self.counters
+                        .rx_frames
+                        .fetch_add(st.rx_slots, Ordering::Relaxed);
+                }
+                for (irq, queue) in [(st.irq_rx, RX), (st.irq_tx, TX)] {
+                    if irq {
+                        self.interrupt.signal_queue(queue as u16);
+                        self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                progress = st.progress;
+                (pt_rx_hungry, pt_tx_blocked) = (st.rx_hungry, st.tx_blocked);
+            } else if !self.needs_reset.load(Ordering::Relaxed) {
                 let (moved, blocked) = self.process_tx();
                 progress |= moved;
                 tx_waits_for_port = blocked;
@@ -490,15 +650,25 @@ impl Worker {
             // about exactly what we wait for, then look once more so that
             // no kick or frame slips in between. Frames waiting for guest
             // buffers must not keep the worker awake.
-            let mut guest_more = false;
-            if !self.needs_reset.load(Ordering::Relaxed) {
-                let tx_more = self.txq.enable_notifications().unwrap_or(true);
-                guest_more |= tx_more && !tx_waits_for_port;
-                if let Some(at) = rx_waits_for_guest {
-                    guest_more |= self.rxq.enable_notifications_past(at).unwrap_or(true);
+            let (want_rx, want_tx) = if let Some(k) = self.kloop.as_mut() {
+                if k.prepare_sleep() {
+                    continue;
                 }
-            }
-            let (want_rx, want_tx) = (rx_waits_for_guest.is_none(), tx_waits_for_port);
+                (pt_rx_hungry, pt_tx_blocked)
+            } else {
+                let mut guest_more = false;
+                if !self.needs_reset.load(Ordering::Relaxed) {
+                    let tx_more = self.txq.enable_notifications().unwrap_or(true);
+                    guest_more |= tx_more && !tx_waits_for_port;
+                    if let Some(at) = rx_waits_for_guest {
+                        guest_more |= self.rxq.enable_notifications_past(at).unwrap_or(true);
+                    }
+                }
+                if guest_more {
+                    continue;
+                }
+                (rx_waits_for_guest.is_none(), tx_waits_for_port)
+            };
             let port_ready = match self.port.prepare_wait(want_rx, want_tx) {
                 Ok(ready) => ready,
                 Err(e) => {
@@ -506,10 +676,13 @@ impl Worker {
                     false
                 }
             };
-            if guest_more || port_ready {
+            if port_ready {
+                if let Some(k) = &self.kloop {
+                    k.set_host_need_kick(false);
+                }
                 continue;
             }
-            *lock(&self.port_stats) = self.port.stats();
+            self.publish_stats();
             fds[3].events = self.port.poll_events(want_rx, want_tx);
             fds.iter_mut().for_each(|f| f.revents = 0);
             // SAFETY: `fds` is a valid array of pollfd for its whole length
@@ -523,18 +696,66 @@ impl Worker {
                 continue;
             }
             self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+            if let Some(k) = &self.kloop {
+                k.set_host_need_kick(false);
+            }
             // Clear what fired, and only that (each is a system call).
             for (fd, kick) in fds.iter().zip([&self.tx_kick, &self.rx_kick]) {
                 if fd.revents != 0 && kick.read().is_ok() {
                     self.counters.kicks.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            if fds[2].revents != 0 && !self.stopping.load(Ordering::Relaxed) {
+                // A passthrough request, not a stop.
+                let _ = self.stop.read();
+            }
             if fds[3].revents != 0 {
                 self.port.ack_wakeup();
             }
         }
-        *lock(&self.port_stats) = self.port.stats();
+        self.kloop = None;
+        self.publish_stats();
         self.port
+    }
+
+    /// Makes the figures readable from outside while the worker sleeps.
+    fn publish_stats(&self) {
+        *lock(&self.port_stats) = self.port.stats();
+        if let (Some(k), Some((_, control))) = (&self.kloop, &self.passthrough) {
+            control.syncs.store(k.stats.syncs, Ordering::Relaxed);
+            control
+                .interrupts
+                .store(k.stats.interrupts, Ordering::Relaxed);
+            control.sleeps.store(k.stats.sleeps, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts or stops passthrough when the guest asked for it.
+    fn passthrough_requests(&mut self) {
+        let Some((entries, control)) = &self.passthrough else {
+            return;
+        };
+        if control.request.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let (entries, control) = (*entries, control.clone());
+        match control.request.swap(0, Ordering::AcqRel) {
+            REQUEST_START => match Csb::new(&self.ram, control.csb_addr(), entries) {
+                Ok(csb) => {
+                    self.publish_stats();
+                    self.kloop = Some(Kloop::start(csb, &mut self.port));
+                    control.state.store(CONTROL_ON, Ordering::Release);
+                    debug!("virtio-net: netmap passthrough on");
+                }
+                Err(e) => control.refuse(&e),
+            },
+            REQUEST_STOP => {
+                self.publish_stats();
+                self.kloop = None;
+                control.state.store(CONTROL_OFF, Ordering::Release);
+            }
+            _ => {}
+        }
     }
 
     fn bad_avail(&mut self) {

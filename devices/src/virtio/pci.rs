@@ -51,6 +51,10 @@ const CFG_COMMON: u8 = 1;
 const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
+/// `VIRTIO_PCI_CAP_SHARED_MEMORY_CFG`.
+const CFG_SHARED_MEMORY: u8 = 8;
+/// The BAR that holds shared memory (netmap passthrough).
+pub const SHM_BAR: u8 = 2;
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
 const DEVICE_ID_BASE: u16 = 0x1040;
@@ -183,6 +187,23 @@ impl VirtioPci {
             activated: false,
             stats: Arc::new(TransportStats::default()),
         })
+    }
+
+    /// Adds BAR 2, `bar_size` bytes at `addr`, whose first `len` bytes the
+    /// VMM backs with shared memory (a memory slot), and a virtio shared
+    /// memory capability with id `id` describing them. Call before the
+    /// guest runs.
+    pub fn add_shared_memory(&mut self, addr: u64, bar_size: u64, len: u64, id: u8) {
+        self.config
+            .add_mem64_bar(usize::from(SHM_BAR), addr, bar_size);
+        // virtio_pci_cap64: cap_len, cfg_type, bar, id, padding[2], offset,
+        // length, offset_hi, length_hi.
+        let mut body = vec![24, CFG_SHARED_MEMORY, SHM_BAR, id, 0, 0];
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&(len as u32).to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&((len >> 32) as u32).to_le_bytes());
+        self.config.add_capability(CAP_VENDOR, &body, &[]);
     }
 
     /// The queues' notification eventfds, with their guest-physical
@@ -472,13 +493,23 @@ impl PciDevice for VirtioPci {
     }
 
     fn memory_bars(&self) -> Vec<(u8, u64, u64)> {
-        self.config
-            .mem64_bar(0)
-            .map(|(addr, size)| vec![(0, addr, size)])
-            .unwrap_or_default()
+        [0, SHM_BAR]
+            .into_iter()
+            .filter_map(|bar| {
+                let (addr, size) = self.config.mem64_bar(usize::from(bar))?;
+                Some((bar, addr, size))
+            })
+            .collect()
     }
 
-    fn bar_read(&mut self, _bar: u8, offset: u64, data: &mut [u8]) {
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        if bar == SHM_BAR {
+            // The shared memory is a memory slot and never exits; what
+            // does is the BAR's unbacked rest (or a BAR the guest moved).
+            data.fill(0);
+            self.bad("shared memory BAR read", offset, data.len());
+            return;
+        }
         match offset {
             o if o < COMMON + REGION => self.common_read(o - COMMON, data),
             o if (ISR..ISR + REGION).contains(&o) => {
@@ -504,7 +535,11 @@ impl PciDevice for VirtioPci {
         }
     }
 
-    fn bar_write(&mut self, _bar: u8, offset: u64, data: &[u8]) {
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar == SHM_BAR {
+            self.bad("shared memory BAR write", offset, data.len());
+            return;
+        }
         match offset {
             o if o < COMMON + REGION => self.common_write(o - COMMON, data),
             o if (DEVICE_CFG..DEVICE_CFG + REGION).contains(&o) => {
@@ -636,6 +671,45 @@ mod tests {
         );
         d.config_write(4, &[0x06, 0]);
         assert_eq!(d.memory_bars(), vec![(0, BAR, BAR_SIZE)]);
+    }
+
+    #[test]
+    fn shared_memory_is_bar_2_with_a_capability_and_its_rest_reads_zero() {
+        let (mut d, _) = device();
+        const SHM: u64 = 0xd000_0000;
+        d.add_shared_memory(SHM, 16 << 20, 0x86_1000, 0);
+        let mut at = cfg8(&mut d, 0x34);
+        let mut shm_cap = None;
+        while at != 0 {
+            if cfg8(&mut d, u16::from(at)) == CAP_VENDOR
+                && cfg8(&mut d, u16::from(at) + 3) == CFG_SHARED_MEMORY
+            {
+                shm_cap = Some(u16::from(at));
+            }
+            at = cfg8(&mut d, u16::from(at) + 1);
+        }
+        let cap = shm_cap.expect("a shared memory capability");
+        let mut body = [0u8; 24];
+        d.config_read(cap, &mut body);
+        assert_eq!(body[2], 24, "cap_len");
+        assert_eq!((body[4], body[5]), (SHM_BAR, 0), "bar, id");
+        assert_eq!(u32::from_le_bytes(body[8..12].try_into().unwrap()), 0);
+        assert_eq!(
+            u32::from_le_bytes(body[12..16].try_into().unwrap()),
+            0x86_1000
+        );
+        assert_eq!(u32::from_le_bytes(body[20..24].try_into().unwrap()), 0);
+        d.config_write(4, &[0x06, 0]);
+        assert_eq!(
+            d.memory_bars(),
+            vec![(0, BAR, BAR_SIZE), (SHM_BAR, SHM, 16 << 20)]
+        );
+        // Past the memory slot: zeros, counted; never BAR 0's registers.
+        let mut b = [0xffu8; 4];
+        d.bar_read(SHM_BAR, 0x1000, &mut b);
+        assert_eq!(b, [0; 4]);
+        d.bar_write(SHM_BAR, 0x0, &[1, 0, 0, 0]);
+        assert_eq!(d.stats().bad_accesses.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! The host-testable parts of the bundled nmvm guest.
 //!
-//! Everything here works on byte slices or through small traits ([`PhysMem`], and for the
-//! virtio-net driver [`virtio::PciConfig`], [`virtio::Mmio`], [`virtio::Dma`], [`net::Hw`]),
+//! Everything here works on byte slices or through small traits ([`PhysMem`], for the
+//! virtio-net driver [`virtio::PciConfig`], [`virtio::Mmio`], [`virtio::Dma`], [`net::Hw`], and
+//! for the netmap passthrough path [`netmap::Region`]),
 //! so the same code that runs on bare metal is unit-tested on the host, the driver against a
 //! simulated virtio-net device. The bare-metal binary (`main.rs`) only adds the entry point,
 //! port I/O, MMIO and DMA accessors and the CPU-specific actions.
 //!
 //! Command-line words: `exit=N|reset`, `wait=S`, `fault=panic|triple|sse`, and the packet
-//! modes `net=echo|sink|gen|hostile` with `count=N` and `len=L` / `len=MIN-MAX` (see
-//! [`net`] and [`frame`]).
+//! modes `net=echo|sink|gen|hostile` with `count=N`, `len=L` / `len=MIN-MAX` and
+//! `path=virtio|netmap` (see [`net`], [`netmap`] and [`frame`]).
 //!
 //! Constraints inherited from the guest's execution environment (see DESIGN.md §3): no
 //! `core::fmt`, no floating point, and no code path that can panic. Every access below is
@@ -19,6 +20,7 @@
 
 pub mod frame;
 pub mod net;
+pub mod netmap;
 pub mod virtio;
 
 /// Offsets and helpers for the Linux `boot_params` "zero page".
@@ -425,6 +427,26 @@ impl NetMode {
     }
 }
 
+/// How a packet mode reaches the wire (`path=...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetPath {
+    /// Through the virtio-net queues ([`net`]).
+    #[default]
+    Virtio,
+    /// Through the port's netmap rings, passed through by nmvm's `--passthrough` ([`netmap`]).
+    Netmap,
+}
+
+impl NetPath {
+    /// The word on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetPath::Virtio => "virtio",
+            NetPath::Netmap => "netmap",
+        }
+    }
+}
+
 /// Frame lengths of `net=gen` (`len=L` or `len=MIN-MAX`), without CRC, within 60..=1514.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameLen {
@@ -451,6 +473,8 @@ pub struct Config {
     pub fault: Option<Fault>,
     /// `net=echo|sink|gen|hostile`.
     pub net: Option<NetMode>,
+    /// `path=virtio|netmap` (default virtio).
+    pub path: NetPath,
     /// `count=N`: frames to echo, receive or send (default: forever; gen: 1000).
     pub count: Option<u64>,
     /// `len=L` or `len=MIN-MAX`.
@@ -464,6 +488,7 @@ impl Default for Config {
             wait_secs: 0,
             fault: None,
             net: None,
+            path: NetPath::Virtio,
             count: None,
             len: FrameLen::default(),
         }
@@ -552,6 +577,13 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
                     b"hostile" => NetMode::Hostile,
                     _ => return Err(word),
                 });
+            }
+            b"path" => {
+                cfg.path = match value {
+                    b"virtio" => NetPath::Virtio,
+                    b"netmap" => NetPath::Netmap,
+                    _ => return Err(word),
+                };
             }
             b"count" => cfg.count = Some(parse_decimal(value).ok_or(word)?),
             b"len" => cfg.len = parse_len(value).ok_or(word)?,
@@ -1120,9 +1152,43 @@ mod tests {
         // Defaults.
         let c = parse_cmdline(b"").unwrap();
         assert_eq!(
-            (c.net, c.count, c.len),
-            (None, None, FrameLen { min: 60, max: 60 })
+            (c.net, c.path, c.count, c.len),
+            (None, NetPath::Virtio, None, FrameLen { min: 60, max: 60 })
         );
+    }
+
+    #[test]
+    fn cmdline_path_word() {
+        let c = parse_cmdline(b"console=ttyS0 net=echo path=netmap").unwrap();
+        assert_eq!((c.net, c.path), (Some(NetMode::Echo), NetPath::Netmap));
+        // The order of the words does not matter; the last path= wins.
+        let c = parse_cmdline(b"path=netmap count=5 net=gen path=virtio").unwrap();
+        assert_eq!(
+            (c.net, c.path, c.count),
+            (Some(NetMode::Gen), NetPath::Virtio, Some(5))
+        );
+        // path= alone is accepted (it only matters with net=).
+        assert_eq!(
+            parse_cmdline(b"path=netmap").map(|c| (c.net, c.path)),
+            Ok((None, NetPath::Netmap))
+        );
+        for p in [NetPath::Virtio, NetPath::Netmap] {
+            let line = format!("net=sink path={}", p.as_str());
+            assert_eq!(parse_cmdline(line.as_bytes()).map(|c| c.path), Ok(p));
+        }
+        for bad in [
+            "path=",
+            "path=NETMAP",
+            "path=vhost",
+            "path=netmap,virtio",
+            "path=netmap=",
+        ] {
+            assert_eq!(
+                parse_cmdline(format!("net=gen {bad} exit=1").as_bytes()),
+                Err(bad.as_bytes()),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -15,11 +15,12 @@ use core::panic::PanicInfo;
 
 use nmvm_guest::mptable::{self, MpError};
 use nmvm_guest::net::{self, Hw, DMA_SIZE};
+use nmvm_guest::netmap::{self, Region};
 use nmvm_guest::virtio::pci::{conf1_address, MMIO_HOLE_END, MMIO_HOLE_START};
 use nmvm_guest::virtio::{Dma, Mmio, PciConfig};
 use nmvm_guest::{
     boot_params, parse_cmdline, read_cmdline, tsc_hz, write_ready_line, BootParams, Exit, Fault,
-    FrameLen, NetMode, PhysMem, Sink, CMDLINE_MAX, IDENTITY_MAPPED_END,
+    FrameLen, NetMode, NetPath, PhysMem, Sink, CMDLINE_MAX, IDENTITY_MAPPED_END,
 };
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -329,6 +330,9 @@ static DMA_AREA: DmaArea = DmaArea(UnsafeCell::new([0; DMA_SIZE]));
 struct Machine {
     tsc_hz: u64,
     dma_base: u64,
+    /// The netmap region (`path=netmap`): base and length, 0 until mapped.
+    region_base: u64,
+    region_len: u64,
 }
 
 impl Machine {
@@ -342,6 +346,14 @@ impl Machine {
         // An address below the base wraps to a huge offset and fails the comparison.
         let off = addr.wrapping_sub(self.dma_base);
         (off <= last && addr & (align - 1) == 0).then_some(addr as usize as *mut T)
+    }
+
+    /// `addr` as a pointer to a naturally aligned `T` inside the netmap region, if it is one.
+    fn region_ptr<T>(&self, addr: u64) -> Option<*mut T> {
+        let size = core::mem::size_of::<T>() as u64;
+        let off = addr.wrapping_sub(self.region_base);
+        let fits = self.region_len >= size && off <= self.region_len - size;
+        (fits && addr % size == 0).then_some(addr as usize as *mut T)
     }
 
     /// `addr` as a pointer to a naturally aligned `T` register in the PCI hole, if it is one.
@@ -492,6 +504,63 @@ impl Dma for Machine {
     }
 }
 
+impl Region for Machine {
+    /// Only inside the PCI hole, where nmvm places its BARs: that is inside the boot page
+    /// tables' identity map (no mapping of our own is needed; the region is RAM on the host
+    /// side, so the default write-back type is right), and it is never RAM of ours (the image,
+    /// the stack and DMA_AREA are e820 RAM below the hole).
+    fn region_map(&mut self, base: u64, len: u64) -> bool {
+        let ok = len != 0
+            && base >= MMIO_HOLE_START
+            && base
+                .checked_add(len)
+                .is_some_and(|end| end <= MMIO_HOLE_END);
+        if ok {
+            self.region_base = base;
+            self.region_len = len;
+        }
+        ok
+    }
+
+    fn region_read32(&self, addr: u64) -> u32 {
+        // SAFETY: `region_ptr` checked that the aligned u32 lies inside the region, which
+        // `region_map` accepted only in the identity-mapped PCI hole, away from anything Rust
+        // owns. nmvm and the port's peer may write it at any time, hence the volatile read.
+        self.region_ptr::<u32>(addr)
+            .map_or(0, |p| unsafe { p.read_volatile() })
+    }
+
+    fn region_read64(&self, addr: u64) -> u64 {
+        // SAFETY: as in `region_read32`, for an aligned u64 (one access: x86-64 reads an
+        // aligned quadword atomically).
+        self.region_ptr::<u64>(addr)
+            .map_or(0, |p| unsafe { p.read_volatile() })
+    }
+
+    fn region_write32(&mut self, addr: u64, val: u32) {
+        if let Some(p) = self.region_ptr::<u32>(addr) {
+            // SAFETY: an aligned u32 inside the region (checked), memory no Rust object
+            // lives in; volatile, so nmvm sees exactly this store, in program order.
+            unsafe { p.write_volatile(val) }
+        }
+    }
+
+    fn region_bytes(&mut self, addr: u64, len: usize) -> &mut [u8] {
+        let off = addr.wrapping_sub(self.region_base);
+        // Nothing before `region_map` (the pointer would be null even for an empty slice).
+        if self.region_len == 0 || off > self.region_len || (len as u64) > self.region_len - off {
+            return &mut [];
+        }
+        // SAFETY: [addr, addr + len) lies inside the region (checked), which is identity-mapped
+        // memory outside everything Rust owns. The slice borrows `self` mutably, and `Machine`
+        // is the only way to the region, so no other Rust reference to these bytes exists
+        // while it lives; the netmap driver asks only for buffers of slots the protocol gives
+        // the guest at the time, which nmvm does not touch (a misbehaving peer can at worst
+        // change the bytes we check or send).
+        unsafe { core::slice::from_raw_parts_mut(addr as usize as *mut u8, len) }
+    }
+}
+
 impl Hw for Machine {
     fn relax(&mut self) {
         pause();
@@ -510,9 +579,15 @@ impl Hw for Machine {
     }
 }
 
-/// Runs a `net=` mode and ends the VM: status 0 after the counters line, 3 after a one-line
-/// reason.
-fn run_net(bp: &BootParams<'_>, mode: NetMode, count: Option<u64>, len: FrameLen) -> ! {
+/// Runs a `net=` mode on `path` and ends the VM: status 0 after the counters line, 3 after a
+/// one-line reason.
+fn run_net(
+    bp: &BootParams<'_>,
+    mode: NetMode,
+    path: NetPath,
+    count: Option<u64>,
+    len: FrameLen,
+) -> ! {
     let base = DMA_AREA.0.get() as usize as u64;
     let in_ram = bp.e820().any(|e| {
         e.kind == boot_params::E820_RAM && e.addr <= base && base + DMA_SIZE as u64 <= e.end()
@@ -530,8 +605,14 @@ fn run_net(bp: &BootParams<'_>, mode: NetMode, count: Option<u64>, len: FrameLen
     let mut machine = Machine {
         tsc_hz,
         dma_base: base,
+        region_base: 0,
+        region_len: 0,
     };
-    match net::run(&mut machine, mode, count, len) {
+    let result = match path {
+        NetPath::Virtio => net::run(&mut machine, mode, count, len),
+        NetPath::Netmap => netmap::run(&mut machine, mode, count, len),
+    };
+    match result {
         Ok(counters) => {
             net::write_counters(&mut Serial, mode, &counters);
             exit(0)
@@ -584,7 +665,7 @@ extern "C" fn guest_main(zero_page_addr: u64) -> ! {
     }
 
     if let Some(mode) = config.net {
-        run_net(&bp, mode, config.count, config.len);
+        run_net(&bp, mode, config.path, config.count, config.len);
     }
 
     match config.exit {

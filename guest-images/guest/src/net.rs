@@ -15,7 +15,7 @@
 //! sends a received buffer back as it is, after swapping the MACs (no copy).
 
 use crate::frame::{self, FrameGen};
-use crate::virtio::pci;
+use crate::virtio::pci::{self, Bar, Caps};
 use crate::virtio::queue::{SplitQueue, Used, DESC_F_NEXT, DESC_F_WRITE, MAX_SIZE};
 use crate::virtio::transport::{RingAddrs, Transport};
 use crate::virtio::{feature, status, Dma, Error, Mmio, PciConfig};
@@ -31,8 +31,9 @@ pub const BUF_SIZE: usize = 2048;
 pub const NUM_BUFS: usize = 512;
 /// Transmit buffers in `gen` and `hostile` modes (one per value of `seq % 256`).
 pub const GEN_BUFS: usize = 256;
-/// Ring pages (three per queue).
-const RINGS_BYTES: usize = 6 * 4096;
+/// Ring pages (three per queue). The netmap path, which keeps the queues idle, puts its CSB
+/// right after them.
+pub(crate) const RINGS_BYTES: usize = 6 * 4096;
 /// Bytes of memory the driver needs.
 pub const DMA_SIZE: usize = RINGS_BYTES + NUM_BUFS * BUF_SIZE;
 
@@ -51,7 +52,7 @@ const BAD_BUF: u16 = u16::MAX - 1;
 /// Publish at most this many frames before considering a notification.
 const KICK_BATCH: u16 = 32;
 /// How long a transfer may make no progress before the driver gives up.
-const STALL_SECS: u64 = 5;
+pub(crate) const STALL_SECS: u64 = 5;
 /// How long the rest of a merged receive frame may take to appear.
 const MERGE_SECS: u64 = 1;
 /// `device_status` reads while waiting for DEVICE_NEEDS_RESET, about 0.5 ms apart.
@@ -108,6 +109,25 @@ pub fn write_mac(out: &mut impl Sink, mac: [u8; 6]) {
     }
 }
 
+/// The shared memory area's base, checked to be large enough and page aligned.
+pub(crate) fn check_dma_area(hw: &impl Hw) -> Result<u64, Error> {
+    let (base, size) = hw.dma_area();
+    if size < DMA_SIZE || base % 4096 != 0 {
+        return Err(Error::with("DMA area too small or misaligned at", base));
+    }
+    Ok(base)
+}
+
+/// Finds the virtio-net device, enables its BAR0 and reads its capabilities: `(device number,
+/// BAR0, capabilities)`.
+pub(crate) fn probe(hw: &mut impl Hw) -> Result<(u8, Bar, Caps), Error> {
+    let dev = pci::find_device(hw, pci::VENDOR_VIRTIO, pci::DEVICE_NET)
+        .ok_or(Error::new("no virtio-net device found"))?;
+    let bar = pci::setup_bar0(hw, dev)?;
+    let caps = pci::find_caps(hw, dev, bar)?;
+    Ok((dev, bar, caps))
+}
+
 /// Runs `mode` to its end; the caller prints the counters (or the error) and exits.
 pub fn run(
     hw: &mut impl Hw,
@@ -115,14 +135,8 @@ pub fn run(
     count: Option<u64>,
     len: FrameLen,
 ) -> Result<Counters, Error> {
-    let (base, size) = hw.dma_area();
-    if size < DMA_SIZE || base % 4096 != 0 {
-        return Err(Error::with("DMA area too small or misaligned at", base));
-    }
-    let dev = pci::find_device(hw, pci::VENDOR_VIRTIO, pci::DEVICE_NET)
-        .ok_or(Error::new("no virtio-net device found"))?;
-    let bar = pci::setup_bar0(hw, dev)?;
-    let caps = pci::find_caps(hw, dev, bar)?;
+    let base = check_dma_area(hw)?;
+    let (_, _, caps) = probe(hw)?;
     let msix_table = caps.msix_table;
     let transport = Transport::new(caps);
     let gen_style = matches!(mode, NetMode::Gen | NetMode::Hostile);
@@ -191,25 +205,25 @@ impl Pool {
 }
 
 /// Counts the time a loop makes no progress.
-struct Stall {
+pub(crate) struct Stall {
     since: Option<u64>,
     limit: u64,
 }
 
 impl Stall {
-    fn new(hw: &impl Hw, secs: u64) -> Self {
+    pub(crate) fn new(hw: &impl Hw, secs: u64) -> Self {
         Stall {
             since: None,
             limit: hw.ticks_per_sec().max(1).saturating_mul(secs),
         }
     }
 
-    fn progress(&mut self) {
+    pub(crate) fn progress(&mut self) {
         self.since = None;
     }
 
     /// One idle iteration: relaxes, and says whether the limit has passed.
-    fn idle(&mut self, hw: &mut impl Hw) -> bool {
+    pub(crate) fn idle(&mut self, hw: &mut impl Hw) -> bool {
         hw.relax();
         let now = hw.ticks();
         match self.since {
@@ -256,28 +270,70 @@ fn rings(base: u64, queue: u16) -> RingAddrs {
     }
 }
 
+/// A device brought up to DRIVER_OK by [`start_device`].
+pub(crate) struct Started {
+    /// The negotiated features.
+    pub features: u64,
+    /// The device's MAC, or [`DEFAULT_MAC`].
+    pub mac: [u8; 6],
+    /// The receive queue, initialised (empty).
+    pub rx: SplitQueue,
+    /// The transmit queue, initialised (empty).
+    pub tx: SplitQueue,
+    /// Queue 0's notification address.
+    pub rx_notify: u64,
+    /// Queue 1's notification address.
+    pub tx_notify: u64,
+}
+
+/// Resets and initialises the device (virtio 1.x §3.1.1): accepts `wanted` (as far as offered),
+/// sets up both queues with fresh rings in `base` and sets DRIVER_OK.
+pub(crate) fn start_device(
+    hw: &mut impl Hw,
+    t: &Transport,
+    base: u64,
+    wanted: u64,
+) -> Result<Started, Error> {
+    t.reset(hw)?;
+    let features = t.negotiate(hw, wanted)?;
+    let event_idx = features & feature::RING_EVENT_IDX != 0;
+    let (rx_size, rx_notify) = t.setup_queue(hw, RX, MAX_SIZE, rings(base, RX))?;
+    let (tx_size, tx_notify) = t.setup_queue(hw, TX, MAX_SIZE, rings(base, TX))?;
+    let mac = if features & feature::NET_MAC != 0 {
+        t.read_device_config::<6>(hw, 0)?
+    } else {
+        DEFAULT_MAC
+    };
+    let mut rx = SplitQueue::new(rx_size, rings(base, RX), event_idx);
+    let mut tx = SplitQueue::new(tx_size, rings(base, TX), event_idx);
+    rx.init(hw);
+    tx.init(hw);
+    t.driver_ok(hw);
+    let s = t.status(hw);
+    if s & (status::DEVICE_NEEDS_RESET | status::FAILED) != 0 || s & status::DRIVER_OK == 0 {
+        return Err(Error::with("device failed at DRIVER_OK, status", s.into()));
+    }
+    Ok(Started {
+        features,
+        mac,
+        rx,
+        tx,
+        rx_notify,
+        tx_notify,
+    })
+}
+
 impl Dev {
-    /// Resets and initialises the device (virtio 1.x §3.1.1) with fresh rings in `base`.
+    /// Resets and initialises the device with fresh rings in `base`.
     fn open<H: Hw>(hw: &mut H, t: Transport, base: u64, gen_style: bool) -> Result<Dev, Error> {
-        t.reset(hw)?;
-        let features = t.negotiate(hw, WANTED_FEATURES)?;
-        let event_idx = features & feature::RING_EVENT_IDX != 0;
-        let (rx_size, rx_notify) = t.setup_queue(hw, RX, MAX_SIZE, rings(base, RX))?;
-        let (tx_size, tx_notify) = t.setup_queue(hw, TX, MAX_SIZE, rings(base, TX))?;
-        let mac = if features & feature::NET_MAC != 0 {
-            t.read_device_config::<6>(hw, 0)?
-        } else {
-            DEFAULT_MAC
-        };
-        let mut rx = SplitQueue::new(rx_size, rings(base, RX), event_idx);
-        let mut tx = SplitQueue::new(tx_size, rings(base, TX), event_idx);
-        rx.init(hw);
-        tx.init(hw);
-        t.driver_ok(hw);
-        let s = t.status(hw);
-        if s & (status::DEVICE_NEEDS_RESET | status::FAILED) != 0 || s & status::DRIVER_OK == 0 {
-            return Err(Error::with("device failed at DRIVER_OK, status", s.into()));
-        }
+        let Started {
+            features,
+            mac,
+            rx,
+            tx,
+            rx_notify,
+            tx_notify,
+        } = start_device(hw, &t, base, WANTED_FEATURES)?;
         Ok(Dev {
             t,
             features,
@@ -517,7 +573,7 @@ impl Dev {
                     break;
                 };
                 let f = hw.dma_bytes(self.buf_addr(b), VNET_HDR_LEN + len);
-                swap_macs(f);
+                swap_macs(f, VNET_HDR_LEN);
                 self.send(hw, b, len)?;
                 sent += 1;
                 progress = true;
@@ -627,15 +683,19 @@ impl Dev {
     }
 }
 
-/// Zeroes the virtio-net header and swaps the destination and source MACs of the frame after
-/// it (`buf` = header + frame).
-fn swap_macs(buf: &mut [u8]) {
-    if let Some(h) = buf.get_mut(..VNET_HDR_LEN + 12) {
-        let (hdr, macs) = h.split_at_mut(VNET_HDR_LEN);
-        hdr.fill(0);
-        let (dst, src) = macs.split_at_mut(6);
-        dst.swap_with_slice(src);
-    }
+/// Zeroes the `hdr_len`-byte virtio-net header and swaps the destination and source MACs of
+/// the frame after it (`buf` = header + frame); does nothing to a buffer too short for both.
+pub(crate) fn swap_macs(buf: &mut [u8], hdr_len: usize) {
+    // Checked splits only: with a variable `hdr_len` the compiler cannot prove plain ones in
+    // bounds and would link the panic machinery in.
+    let Some((hdr, rest)) = buf.split_at_mut_checked(hdr_len) else {
+        return;
+    };
+    let Some((dst, src)) = rest.get_mut(..12).and_then(|m| m.split_at_mut_checked(6)) else {
+        return;
+    };
+    hdr.fill(0);
+    dst.swap_with_slice(src);
 }
 
 /// Names of the hostile mode's malformed transmit chains, in the order they are posted.
@@ -835,4 +895,4 @@ fn hostile<H: Hw>(hw: &mut H, mut dev: Dev, c: &mut Counters) -> Result<(), Erro
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,6 +1,8 @@
 //! The KVM backend, on kvm-ioctls.
 
 use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use std::collections::BTreeMap;
@@ -97,6 +99,7 @@ impl KvmHypervisor {
             supported_cpuid: cpuid,
             supported_msrs: msr_list.as_slice().to_vec(),
             max_memslots: self.kvm.get_nr_memslots(),
+            next_slot: AtomicU32::new(0),
         })
     }
 }
@@ -108,6 +111,8 @@ pub struct KvmVm {
     supported_cpuid: CpuId,
     supported_msrs: Vec<u32>,
     max_memslots: usize,
+    /// The next free memory slot number.
+    next_slot: AtomicU32,
 }
 
 /// An eventfd registered as an irqfd: writing it raises the line in KVM.
@@ -124,6 +129,17 @@ impl Interrupt for IrqFdLine {
     }
 }
 
+impl KvmVm {
+    /// A memory slot number nobody uses yet.
+    fn take_slot(&self) -> Result<u32> {
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        if slot as usize >= self.max_memslots {
+            return Err(HypervisorError::Unsupported("this many memory slots"));
+        }
+        Ok(slot)
+    }
+}
+
 impl super::Vm for KvmVm {
     type Vcpu = KvmVcpu;
 
@@ -137,9 +153,9 @@ impl super::Vm for KvmVm {
             size: total,
             reason: e.to_string(),
         })?;
-        for (slot, region) in mem.iter().enumerate() {
+        for region in mem.iter() {
             let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot: self.take_slot()?,
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -153,6 +169,27 @@ impl super::Vm for KvmVm {
                 .map_err(call_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(mem)
+    }
+
+    unsafe fn map_shared_memory(&self, gpa: u64, host: NonNull<u8>, len: usize) -> Result<()> {
+        const PAGE: u64 = 4096;
+        if gpa % PAGE != 0 || host.as_ptr() as u64 % PAGE != 0 || len as u64 % PAGE != 0 {
+            return Err(HypervisorError::Unsupported(
+                "shared memory that is not page-aligned",
+            ));
+        }
+        let region_desc = kvm_userspace_memory_region {
+            slot: self.take_slot()?,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len as u64,
+            userspace_addr: host.as_ptr() as u64,
+        };
+        // SAFETY: the caller guarantees the mapping stays live and shared
+        // for the VM's lifetime (this function's contract); the range is
+        // page-aligned (checked above); KVM only accesses it for the guest.
+        unsafe { self.vm.set_user_memory_region(region_desc) }
+            .map_err(call_err("KVM_SET_USER_MEMORY_REGION"))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn Interrupt>> {

@@ -10,6 +10,7 @@
 
 pub mod kvm;
 
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use nmvm_devices::pci::msix::MsiVector;
@@ -186,6 +187,16 @@ pub trait Vm: Send + Sync {
     /// Allocates guest RAM for `ranges` (guest-physical start, size) and
     /// makes it visible to the guest.
     fn create_memory(&self, ranges: &[(u64, usize)]) -> Result<GuestMemoryMmap>;
+
+    /// Maps `len` bytes of host memory at `host` into guest-physical space
+    /// at `gpa`, for the guest to read and write directly (no exits), e.g.
+    /// a netmap port's region. Both must be page-aligned.
+    ///
+    /// # Safety
+    ///
+    /// `[host, host + len)` must be a live, shared, read-write mapping that
+    /// stays mapped, and is not repurposed, for as long as the VM exists.
+    unsafe fn map_shared_memory(&self, gpa: u64, host: NonNull<u8>, len: usize) -> Result<()>;
 
     /// A trigger for legacy interrupt line `gsi` (edge, IOAPIC/PIC).
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn Interrupt>>;

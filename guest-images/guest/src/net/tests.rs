@@ -9,13 +9,13 @@ use crate::frame::{build_frame, check_pattern, gen_len, verify_frame, FrameError
 use crate::virtio::pci::tests::FakePci;
 use crate::virtio::queue::tests::VecDma;
 
-const BAR: u64 = 0xc000_0000;
-const DMA_BASE: u64 = 0x20_0000;
-const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-const ALL: u64 = WANTED_FEATURES | feature::NET_STATUS | feature::NET_CSUM;
+pub(crate) const BAR: u64 = 0xc000_0000;
+pub(crate) const DMA_BASE: u64 = 0x20_0000;
+pub(crate) const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+pub(crate) const ALL: u64 = WANTED_FEATURES | feature::NET_STATUS | feature::NET_CSUM;
 
 #[derive(Clone, Copy, Default, Debug)]
-struct FakeQueue {
+pub(crate) struct FakeQueue {
     max: u16,
     size: u16,
     enabled: bool,
@@ -29,38 +29,38 @@ struct FakeQueue {
     starved: bool,
 }
 
-struct Fake {
-    pci: FakePci,
-    dma: VecDma,
-    out: Vec<u8>,
-    offered: u64,
-    dfsel: u32,
-    gfsel: u32,
-    drv: u64,
-    status: u8,
-    qsel: u16,
-    msix_config: u16,
-    q: [FakeQueue; 2],
-    refuse_features: bool,
+pub(crate) struct Fake {
+    pub(crate) pci: FakePci,
+    pub(crate) dma: VecDma,
+    pub(crate) out: Vec<u8>,
+    pub(crate) offered: u64,
+    pub(crate) dfsel: u32,
+    pub(crate) gfsel: u32,
+    pub(crate) drv: u64,
+    pub(crate) status: u8,
+    pub(crate) qsel: u16,
+    pub(crate) msix_config: u16,
+    pub(crate) q: [FakeQueue; 2],
+    pub(crate) refuse_features: bool,
     /// Also process the transmit queue without a notification (a device thread that polls).
-    async_tx: bool,
+    pub(crate) async_tx: bool,
     /// Never return transmit buffers.
-    tx_dead: bool,
-    rx_wire: VecDeque<Vec<u8>>,
-    tx_wire: Vec<Vec<u8>>,
+    pub(crate) tx_dead: bool,
+    pub(crate) rx_wire: VecDeque<Vec<u8>>,
+    pub(crate) tx_wire: Vec<Vec<u8>>,
     /// Bytes the device puts in one receive buffer at most (forces merged frames).
-    rx_chunk: usize,
+    pub(crate) rx_chunk: usize,
     /// (queue, head, why) of every chain the device refused.
-    bad_chains: Vec<(u16, u32, &'static str)>,
-    notifies: [u32; 2],
+    pub(crate) bad_chains: Vec<(u16, u32, &'static str)>,
+    pub(crate) notifies: [u32; 2],
     /// MSI-X table page offsets the driver wrote.
-    msix_writes: Vec<u64>,
-    resets: u32,
-    now: u64,
+    pub(crate) msix_writes: Vec<u64>,
+    pub(crate) resets: u32,
+    pub(crate) now: u64,
 }
 
 impl Fake {
-    fn new(offered: u64, qmax: u16) -> Self {
+    pub(crate) fn new(offered: u64, qmax: u16) -> Self {
         let q = FakeQueue {
             max: qmax,
             size: qmax,
@@ -93,7 +93,7 @@ impl Fake {
         }
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8(self.out.clone()).unwrap()
     }
 
@@ -370,7 +370,7 @@ impl Fake {
         }
     }
 
-    fn mmio_read(&mut self, addr: u64, width: usize) -> u32 {
+    pub(crate) fn mmio_read(&mut self, addr: u64, width: usize) -> u32 {
         match addr.checked_sub(BAR) {
             Some(off @ 0..=0xfff) => self.common_read(off, width),
             Some(0x1000) if width == 1 => 0,
@@ -383,7 +383,7 @@ impl Fake {
         }
     }
 
-    fn mmio_write(&mut self, addr: u64, width: usize, v: u32) {
+    pub(crate) fn mmio_write(&mut self, addr: u64, width: usize, v: u32) {
         match addr.checked_sub(BAR) {
             Some(off @ 0..=0xfff) => self.common_write(off, width, v),
             Some(off @ 0x3000..=0x3fff) if width == 2 => {
@@ -497,7 +497,7 @@ fn gen_len_cfg(min: u16, max: u16) -> FrameLen {
     FrameLen { min, max }
 }
 
-fn test_frame(mac: [u8; 6], len: usize, seq: u64) -> Vec<u8> {
+pub(crate) fn test_frame(mac: [u8; 6], len: usize, seq: u64) -> Vec<u8> {
     let mut f = vec![0u8; len];
     assert!(build_frame(&mut f, mac, len, seq));
     f
@@ -559,7 +559,7 @@ fn gen_fixed_length_with_event_idx() {
     assert_eq!(out, b"nmvm-guest: net gen: rx 0 tx 1000 bad 0\n");
 }
 
-struct VecOut<'a>(&'a mut Vec<u8>);
+pub(crate) struct VecOut<'a>(pub(crate) &'a mut Vec<u8>);
 impl Sink for VecOut<'_> {
     fn write(&mut self, bytes: &[u8]) {
         self.0.extend_from_slice(bytes);
@@ -612,14 +612,14 @@ fn gen_gives_up_when_device_keeps_buffers() {
     assert_eq!(e.value, Some(0x0f));
 }
 
-fn swapped(f: &[u8]) -> Vec<u8> {
+pub(crate) fn swapped(f: &[u8]) -> Vec<u8> {
     let mut s = f.to_vec();
     s[..6].copy_from_slice(&f[6..12]);
     s[6..12].copy_from_slice(&f[..6]);
     s
 }
 
-fn wire_frames(n: usize) -> Vec<Vec<u8>> {
+pub(crate) fn wire_frames(n: usize) -> Vec<Vec<u8>> {
     let peer = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
     (0..n)
         .map(|i| {

@@ -111,6 +111,9 @@ pub mod feature {
     pub const RING_EVENT_IDX: u64 = 1 << 29;
     /// `VIRTIO_F_VERSION_1`: a modern (1.x) device.
     pub const VERSION_1: u64 = 1 << 32;
+    /// `NMVM_F_NETMAP`: nmvm's netmap passthrough (BAR 2 and the configuration fields at
+    /// 0x40; see `crate::netmap`). Outside the standard bits, so stock drivers never take it.
+    pub const NMVM_NETMAP: u64 = 1 << 45;
 }
 
 /// `device_status` bits.

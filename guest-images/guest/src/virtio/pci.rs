@@ -22,6 +22,8 @@ const REG_ID: u8 = 0x00;
 const REG_COMMAND: u8 = 0x04;
 const REG_BAR0: u8 = 0x10;
 const REG_BAR1: u8 = 0x14;
+/// BAR registers: BAR0..BAR5.
+const NUM_BARS: u8 = 6;
 const REG_CAP_PTR: u8 = 0x34;
 
 /// Vendor-specific capability (virtio's).
@@ -36,6 +38,8 @@ pub const CFG_NOTIFY: u8 = 2;
 pub const CFG_ISR: u8 = 3;
 /// `cfg_type` of the device-specific configuration.
 pub const CFG_DEVICE: u8 = 4;
+/// `cfg_type` of a shared memory region (`struct virtio_pci_cap64`, 24 bytes).
+pub const CFG_SHARED_MEMORY: u8 = 8;
 
 /// Size of `struct virtio_pci_common_cfg` up to and including `queue_device`.
 pub const COMMON_CFG_LEN: u32 = 0x38;
@@ -217,6 +221,74 @@ pub fn find_caps(pci: &mut impl PciConfig, dev: u8, bar: Bar) -> Result<Caps, Er
     Ok(caps)
 }
 
+/// A shared memory region as its capability describes it: `len` bytes at `offset` in BAR `bar`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedMemory {
+    /// BAR index.
+    pub bar: u8,
+    /// Offset in the BAR.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The first shared memory capability with `id` (virtio 1.2 §4.1.4.7), if any. The 64-bit
+/// offset and length are `offset`/`offset_hi` and `length`/`length_hi`. A walk that meets a
+/// bad pointer or a loop just ends: the caller decides what a missing region means.
+pub fn find_shared_memory(pci: &mut impl PciConfig, dev: u8, id: u8) -> Option<SharedMemory> {
+    if (pci.pci_read32(dev, REG_COMMAND) >> 16) & STATUS_CAP_LIST == 0 {
+        return None;
+    }
+    let mut ptr = read8(pci, dev, REG_CAP_PTR) & 0xfc;
+    // As in `find_caps`: 48 capabilities fill the space after the header.
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            return None;
+        }
+        let head = pci.pci_read32(dev, ptr);
+        // The capability's 24 bytes must lie inside configuration space.
+        if head as u8 == CAP_VENDOR
+            && (head >> 24) as u8 == CFG_SHARED_MEMORY
+            && (head >> 16) as u8 >= 24
+            && u16::from(ptr) + 24 <= 0x100
+        {
+            let word1 = pci.pci_read32(dev, ptr + 4);
+            if (word1 >> 8) as u8 == id {
+                let lo_hi = |lo: u32, hi: u32| u64::from(hi) << 32 | u64::from(lo);
+                return Some(SharedMemory {
+                    bar: word1 as u8,
+                    offset: lo_hi(pci.pci_read32(dev, ptr + 8), pci.pci_read32(dev, ptr + 16)),
+                    len: lo_hi(pci.pci_read32(dev, ptr + 12), pci.pci_read32(dev, ptr + 20)),
+                });
+            }
+        }
+        ptr = (head >> 8) as u8 & 0xfc;
+    }
+    None
+}
+
+/// The address of memory BAR `index`, as the VMM assigned it (32- or 64-bit; never moved or
+/// sized here: a RAM-backed BAR such as nmvm's shared memory one must stay where it is).
+pub fn mem_bar_addr(pci: &mut impl PciConfig, dev: u8, index: u8) -> Result<u64, Error> {
+    if index >= NUM_BARS {
+        return Err(Error::with("no such BAR", u64::from(index)));
+    }
+    let reg = REG_BAR0 + 4 * index;
+    let lo = pci.pci_read32(dev, reg);
+    if lo & 1 != 0 {
+        return Err(Error::with(
+            "shared memory BAR is an I/O BAR",
+            u64::from(lo),
+        ));
+    }
+    let hi = match (lo >> 1) & 3 {
+        0 => 0,
+        2 if index + 1 < NUM_BARS => pci.pci_read32(dev, reg + 4),
+        _ => return Err(Error::with("bad memory BAR type", u64::from(lo))),
+    };
+    Ok(u64::from(hi) << 32 | u64::from(lo & !0xf))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -276,6 +348,20 @@ pub(crate) mod tests {
                 bar_sizing: [false; 2],
                 writes: Vec::new(),
             }
+        }
+
+        /// Adds nmvm's netmap passthrough BAR 2 (64-bit, prefetchable) at `addr` and a shared
+        /// memory capability (id 0) for its first `len` bytes, after the MSI-X capability.
+        pub fn add_shared_memory(&mut self, addr: u64, len: u64) {
+            put(&mut self.cfg, 0x18, &((addr as u32) | 0xc).to_le_bytes());
+            put(&mut self.cfg, 0x1c, &((addr >> 32) as u32).to_le_bytes());
+            self.cfg[0x9d] = 0xa8;
+            let at = 0xa8;
+            self.cfg[at..at + 6].copy_from_slice(&[CAP_VENDOR, 0, 24, CFG_SHARED_MEMORY, 2, 0]);
+            put(&mut self.cfg, at + 8, &0u32.to_le_bytes());
+            put(&mut self.cfg, at + 12, &(len as u32).to_le_bytes());
+            put(&mut self.cfg, at + 16, &0u32.to_le_bytes());
+            put(&mut self.cfg, at + 20, &((len >> 32) as u32).to_le_bytes());
         }
 
         pub fn command(&self) -> u16 {
@@ -423,6 +509,62 @@ pub(crate) mod tests {
         pci.set_cap(0xa8, &0x4000u32.to_le_bytes());
         let caps = find_caps(&mut pci, 1, bar).unwrap();
         assert_eq!(caps.common.addr, 0xc000_4000);
+    }
+
+    #[test]
+    fn shared_memory_capability_and_bar() {
+        let mut pci = FakePci::new(0xc000_0000, 0x8000);
+        assert_eq!(find_shared_memory(&mut pci, 1, 0), None);
+        pci.add_shared_memory(0xd000_0000, 0x1_0080_0000);
+        let shm = find_shared_memory(&mut pci, 1, 0).unwrap();
+        assert_eq!(
+            shm,
+            SharedMemory {
+                bar: 2,
+                offset: 0,
+                len: 0x1_0080_0000
+            }
+        );
+        // The virtio caps are still found, and BAR0 sizing does not touch BAR 2.
+        let bar = setup_bar0(&mut pci, 1).unwrap();
+        assert!(find_caps(&mut pci, 1, bar).is_ok());
+        assert_eq!(mem_bar_addr(&mut pci, 1, 2), Ok(0xd000_0000));
+        assert!(pci.writes.iter().all(|(reg, _)| *reg < 0x18));
+        assert_eq!(mem_bar_addr(&mut pci, 1, 0), Ok(0xc000_0000));
+        // Another id, an offset_hi, a truncated capability.
+        assert_eq!(find_shared_memory(&mut pci, 1, 1), None);
+        pci.set_cap(0xa8 + 16, &1u32.to_le_bytes());
+        assert_eq!(find_shared_memory(&mut pci, 1, 0).unwrap().offset, 1 << 32);
+        pci.set_cap(0xa8 + 2, &[20]);
+        assert_eq!(find_shared_memory(&mut pci, 1, 0), None);
+        // A BAR 2 that is an I/O BAR, or a 64-bit BAR in the last register.
+        pci.set_cap(0x18, &1u32.to_le_bytes());
+        assert!(mem_bar_addr(&mut pci, 1, 2).is_err());
+        pci.set_cap(0x24, &4u32.to_le_bytes());
+        assert_eq!(
+            mem_bar_addr(&mut pci, 1, 5).unwrap_err().what,
+            "bad memory BAR type"
+        );
+        assert!(mem_bar_addr(&mut pci, 1, 6).is_err());
+        // A 32-bit BAR.
+        pci.set_cap(0x18, &0xd000_0008u32.to_le_bytes());
+        assert_eq!(mem_bar_addr(&mut pci, 1, 2), Ok(0xd000_0000));
+    }
+
+    #[test]
+    fn shared_memory_walk_ends_on_loops_and_bad_pointers() {
+        let mut pci = FakePci::new(0xc000_0000, 0x8000);
+        pci.add_shared_memory(0xd000_0000, 0x100_0000);
+        // A loop before the capability: the walk gives up.
+        pci.set_cap(0x69, &[0x40]);
+        assert_eq!(find_shared_memory(&mut pci, 1, 0), None);
+        let mut pci = FakePci::new(0xc000_0000, 0x8000);
+        pci.add_shared_memory(0xd000_0000, 0x100_0000);
+        pci.set_cap(0x34, &[0x10]);
+        assert_eq!(find_shared_memory(&mut pci, 1, 0), None);
+        pci.set_cap(0x34, &[0x40]);
+        pci.set_cap(6, &[0]);
+        assert_eq!(find_shared_memory(&mut pci, 1, 0), None);
     }
 
     #[test]
