@@ -42,6 +42,31 @@ kernel-debian:
 run-debian: build kernel-debian
     {{nmvm}} run --memory 512M --kernel guest-images/cache/debian-kernel/vmlinux --cmdline "earlyprintk=serial console=ttyS0"
 
+# Build the Linux appliance (Debian cloud kernel + virtio modules + busybox initramfs) into guest-images/cache/appliance.
+appliance:
+    bash guest-images/appliance/build.sh
+
+# Serve the virtio-net device over vhost-user on SOCK, backed by netmap port PORT (see README, "Use with QEMU").
+vhost-user SOCK="/tmp/nmvm-vhost.sock" PORT="shm:vu{0" *ARGS="": build
+    {{nmvm}} vhost-user --socket {{SOCK}} --net '{{PORT}}' {{ARGS}}
+
+# Boot the appliance under QEMU (TCG) on the vhost-user socket SOCK; WORDS go on the guest's command line (e.g. "net=sink count=1000").
+qemu-appliance SOCK="/tmp/nmvm-vhost.sock" WORDS="net=echo count=100": appliance
+    #!/usr/bin/env bash
+    set -euo pipefail
+    out=$(bash guest-images/appliance/build.sh)
+    kernel=$(sed -n 's/^kernel=//p' <<<"$out"); initrd=$(sed -n 's/^initrd=//p' <<<"$out")
+    exec qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot \
+        -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+        -chardev socket,id=c0,path={{SOCK}} -netdev vhost-user,id=n0,chardev=c0 \
+        -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,vectors=0 \
+        -kernel "$kernel" -initrd "$initrd" \
+        -append "console=ttyS0 quiet panic=-1 ipv6.disable=1 {{WORDS}}"
+
+# The vhost-user tests (QEMU + the Linux appliance + pkt-gen).
+test-vhost-user:
+    cargo test -p nmvm --test vhost_user
+
 # Boot timing and VMM memory of the bundled guest: medians over N runs (default 20).
 boot-metrics N="20": build
     #!/usr/bin/env bash

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch a stock Debian 12 (bookworm) cloud kernel from the Debian archive and
 # produce, in a cache folder, the compressed bzImage and the uncompressed ELF
-# vmlinux embedded in it.
+# vmlinux embedded in it, and the package's virtio-net modules (the cloud
+# kernel builds virtio as modules; guest-images/appliance/ loads them).
 #
 # Usage: guest-images/debian-kernel.sh [CACHE_DIR]
 #   CACHE_DIR defaults to <repo>/guest-images/cache/debian-kernel.
@@ -12,7 +13,8 @@
 #   NMVM_DEBIAN_KERNEL_REFRESH  if 1, re-resolve the package even when the
 #                               cache is complete (rebuild only if it changed).
 #
-# Progress goes to stderr. The last two lines on stdout are always
+# Progress goes to stderr. The last three lines on stdout are always
+#   modules=<absolute path of a folder with virtio*.ko, failover.ko, ...>
 #   vmlinuz=<absolute path>
 #   vmlinux=<absolute path>
 set -euo pipefail
@@ -45,8 +47,12 @@ CACHE=$(cd "$CACHE" && pwd -P)
 VMLINUZ=$CACHE/vmlinuz
 VMLINUX=$CACHE/vmlinux
 STAMP=$CACHE/stamp
+MODULES=$CACHE/modules
+# The virtio-net driver and what it needs, in insmod order.
+MODULE_LIST="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net"
 
 print_result() {
+    echo "modules=$MODULES"
     echo "vmlinuz=$VMLINUZ"
     echo "vmlinux=$VMLINUX"
 }
@@ -61,6 +67,7 @@ stamp_get() { # key
 
 cache_complete() {
     [ -s "$VMLINUZ" ] && [ -s "$VMLINUX" ] && [ -s "$STAMP" ] &&
+        [ -s "$MODULES/virtio_net.ko" ] &&
         [ -n "$(stamp_get package)" ] && [ -n "$(stamp_get version)" ]
 }
 
@@ -77,6 +84,7 @@ TMP=
 cleanup() {
     [ -z "$TMP" ] || rm -rf "$TMP"
     rm -f "$CACHE"/.vmlinuz.tmp.* "$CACHE"/.vmlinux.tmp.* "$CACHE"/.stamp.tmp.*
+    rm -rf "$CACHE"/.modules.tmp.*
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -147,6 +155,14 @@ dpkg-deb -x "${debs[0]}" "$TMP/root" 2>"$TMP/dpkg.log" ||
 imgs=("$TMP"/root/boot/vmlinuz-*)
 [ ${#imgs[@]} = 1 ] || die "expected exactly one boot/vmlinuz-* in ${debs[0]##*/}, found ${#imgs[@]}"
 BZ=${imgs[0]}
+OUT_M=$(mktemp -d "$CACHE/.modules.tmp.XXXXXX")
+for m in $MODULE_LIST; do
+    found=("$TMP"/root/lib/modules/*/kernel/*/"$m.ko" "$TMP"/root/lib/modules/*/kernel/*/*/"$m.ko")
+    [ ${#found[@]} = 1 ] || die "expected exactly one $m.ko in ${debs[0]##*/}, found ${#found[@]}"
+    cp "${found[0]}" "$OUT_M/$m.ko"
+done
+echo "$MODULE_LIST" >"$OUT_M/order"
+chmod 0755 "$OUT_M"
 shopt -u nullglob
 
 # ----------------------------------------------------------- parse header ---
@@ -257,6 +273,8 @@ chmod 0644 "$OUT_Z" "$OUT_X"
 rm -f "$STAMP"
 mv -f "$OUT_Z" "$VMLINUZ"
 mv -f "$OUT_X" "$VMLINUX"
+rm -rf "$MODULES"
+mv -f "$OUT_M" "$MODULES"
 STAMP_TMP=$(mktemp "$CACHE/.stamp.tmp.XXXXXX")
 {
     echo "package=$PKG"

@@ -53,6 +53,52 @@ pub enum Command {
     /// netmap's pkt-gen; every received frame is checked.
     #[command(name = "pkt-gen", after_help = PKTGEN_HELP)]
     PktGen(PktGenArgs),
+    /// Serve the virtio-net device to another VMM (QEMU, …) over
+    /// vhost-user: the same device model and worker as `nmvm run`, on a
+    /// netmap port.
+    #[command(name = "vhost-user", after_help = VHOST_USER_HELP)]
+    VhostUser(VhostUserArgs),
+}
+
+const VHOST_USER_HELP: &str = "\
+nmvm creates the socket and serves one frontend at a time, for as many
+connections as come (or --connections N), until SIGINT/SIGTERM. The frontend
+handles the device's MAC, link status and control queue; nmvm moves the
+packets between the guest's rings and the netmap port. Guest memory must be
+shared with nmvm (QEMU: memory-backend-memfd with share=on).
+
+Example with QEMU (QEMU 7.2 under TCG needs vectors=0 on the device):
+  nmvm vhost-user --socket /tmp/vu.sock --net 'shm:lab{0' &
+  qemu-system-x86_64 -m 512 -object memory-backend-memfd,id=mem,size=512M,share=on \\
+    -numa node,memdev=mem -chardev socket,id=c0,path=/tmp/vu.sock \\
+    -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0,vectors=0 ...
+  nmvm pkt-gen -i 'shm:lab}0' -f rx
+
+Exit status: 0 once stopped (or after --connections N), 255 if the socket or
+the port cannot be opened. A frontend that sends a bad request is told so,
+logged, and disconnected; the next connection is served.";
+
+/// Options of `nmvm vhost-user`.
+#[derive(Debug, Args)]
+pub struct VhostUserArgs {
+    /// The Unix socket to create (a stale socket there is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The netmap port behind the device: `shm:NAME{N` / `shm:NAME}N`, or
+    /// with the netmap kernel module `netmap:eth0`, `vale0:vm1`, …
+    #[arg(long, value_name = "PORT")]
+    pub net: String,
+    /// Create the userspace pipe of --net with a 12-byte virtio-net header
+    /// in front of every frame: the device then offers checksum and TSO
+    /// offloads, which pass through to the peer.
+    #[arg(long)]
+    pub vnet_hdr: bool,
+    /// Exit after serving N connections (default: serve until stopped).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub connections: Option<u64>,
+    /// Print the device's counters when each connection ends.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 const PKTGEN_HELP: &str = "\

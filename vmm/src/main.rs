@@ -13,6 +13,8 @@ use nmvm::report::Report;
 use nmvm::verdict::{StopReason, EXIT_VMM_ERROR};
 use nmvm::vm::{self, ConsoleConfig, KernelChoice, NetSpec, RunOutcome, VmConfig};
 
+mod vhost_user;
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = match Cli::try_parse() {
@@ -54,6 +56,33 @@ fn main() -> ExitCode {
         Command::PktGen(args) => pkt_gen(args),
         Command::Demo(args) => demo(args, started),
         Command::Bench(args) => bench(args),
+        Command::VhostUser(args) => vhost_user(args),
+    }
+}
+
+fn vhost_user(args: nmvm::cli::VhostUserArgs) -> ExitCode {
+    let opts = vhost_user::Options {
+        socket: args.socket,
+        port: args.net,
+        vnet_hdr: args.vnet_hdr,
+        connections: args.connections,
+        stats: args.stats,
+    };
+    let stop = pktgen::stop_on_signals();
+    match vhost_user::serve(&opts, &stop) {
+        Ok(served) => {
+            if opts.stats {
+                println!(
+                    "vhost-user: {} connections, {} closed on an error",
+                    served.connections, served.failed
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nmvm vhost-user: {}", error_chain(&e));
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
     }
 }
 

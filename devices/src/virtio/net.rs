@@ -153,6 +153,8 @@ pub struct Net {
     port_stats: Arc<Mutex<PortStats>>,
     /// Set when the port's rings may be passed through to the guest.
     passthrough: Option<(Geometry, Arc<PassthroughControl>)>,
+    /// Where the worker stopped in each queue (see [`QueuePosition`]).
+    positions: Arc<SavedPositions>,
 }
 
 /// The passthrough registers, shared by the transport (guest writes, on a
@@ -216,6 +218,7 @@ impl Net {
             acked: Arc::new(AtomicU64::new(0)),
             port_stats: Arc::new(Mutex::new(PortStats::default())),
             passthrough: None,
+            positions: Arc::default(),
         }
     }
 
@@ -393,6 +396,7 @@ impl VirtioDevice for Net {
                 .as_ref()
                 .map(|(g, c)| (g.rings() as usize, c.clone())),
             kloop: None,
+            positions: self.positions.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("nmvm-net".into())
@@ -430,6 +434,53 @@ impl VirtioDevice for Net {
 impl Drop for Net {
     fn drop(&mut self) {
         self.reset();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Queue positions across a stop, for transports that take the queues back
+// from the device and hand them to it again later (vhost-user's
+// GET_VRING_BASE / SET_VRING_BASE). The worker saves where it stopped as it
+// ends; `Net::queue_positions` reads it once the worker is gone.
+
+/// Where the device stopped in one queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueuePosition {
+    /// The next avail-ring entry the device would have consumed (what
+    /// vhost-user's GET_VRING_BASE returns).
+    pub next_avail: u16,
+    /// The next used-ring entry the device would have written; every used
+    /// element before it is published in the used index.
+    pub next_used: u16,
+}
+
+/// The positions the worker saved when it last ended: (receive, transmit).
+#[derive(Debug, Default)]
+struct SavedPositions(Mutex<Option<[QueuePosition; 2]>>);
+
+impl SavedPositions {
+    fn save(&self, rxq: &DeviceQueue, txq: &DeviceQueue) {
+        let at = |q: &DeviceQueue| QueuePosition {
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+        };
+        *lock(&self.0) = Some([at(rxq), at(txq)]);
+    }
+}
+
+impl Net {
+    /// Where the device stopped in its queues (index = queue number: receive,
+    /// transmit) when its worker last ended, i.e. after
+    /// [`VirtioDevice::reset`]; `None` while the device runs or if it never
+    /// ran. At that point every chain the device consumed has been returned
+    /// in the used ring, except avail entries that named no descriptor
+    /// (counted as bad heads), so `next_used` may trail `next_avail` only
+    /// for a driver that broke its ring.
+    pub fn queue_positions(&self) -> Option<[QueuePosition; 2]> {
+        if self.running.is_some() {
+            return None;
+        }
+        *lock(&self.positions.0)
     }
 }
 
@@ -570,6 +621,8 @@ struct Worker {
     passthrough: Option<(usize, Arc<PassthroughControl>)>,
     /// While passthrough runs: the rings are the guest's.
     kloop: Option<Kloop>,
+    /// Written as the worker ends (see [`QueuePosition`]).
+    positions: Arc<SavedPositions>,
 }
 
 /// What happened to one received frame.
@@ -715,6 +768,7 @@ impl Worker {
         }
         self.kloop = None;
         self.publish_stats();
+        self.positions.save(&self.rxq, &self.txq);
         self.port
     }
 
