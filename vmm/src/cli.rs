@@ -287,6 +287,10 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u8,
+    /// Hypervisor: kvm (Linux) or bhyve (FreeBSD's vmm.ko). Default: the
+    /// OS's own.
+    #[arg(long, value_name = "kvm|bhyve")]
+    pub hypervisor: Option<crate::hypervisor::Backend>,
     /// Attach the VM's virtio-net device to this netmap port:
     /// `shm:NAME{N` / `shm:NAME}N` (the two ends of a userspace netmap
     /// pipe, no kernel module needed), or with the netmap kernel module

@@ -98,6 +98,9 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(args: RunArgs, started: Instant) -> ExitCode {
+    if let Some(backend) = args.hypervisor {
+        nmvm::hypervisor::select(backend);
+    }
     let kernel = match args.kernel {
         Some(path) => KernelChoice::File(path),
         None => KernelChoice::Bundled,

@@ -25,7 +25,9 @@ use thiserror::Error;
 
 use crate::boot::{self, layout, mptable, BootError, BootSpec};
 use crate::console::{self, ConsoleOut, ConsoleSerial, RawTerminal};
+use crate::hypervisor::bhyve::BhyveHypervisor;
 use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::Backend;
 use crate::hypervisor::{HypervisorError, Vcpu, VcpuExit, Vm};
 use crate::metrics;
 use crate::monitor::{ConsoleEvent, ConsoleMonitor};
@@ -332,9 +334,25 @@ fn kick_signal() -> libc::c_int {
 
 /// Boots the VM described by `cfg` and runs it to a verdict.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
-    let hv = KvmHypervisor::new()?;
-    check_config(cfg, hv.max_vcpus())?;
-    let vm = hv.create_vm()?;
+    match crate::hypervisor::selected() {
+        Backend::Kvm => {
+            let hv = KvmHypervisor::new()?;
+            check_config(cfg, hv.max_vcpus())?;
+            run_on(cfg, hv.create_vm()?)
+        }
+        Backend::Bhyve => {
+            let hv = BhyveHypervisor::new()?;
+            check_config(cfg, hv.max_vcpus())?;
+            run_on(cfg, hv.create_vm()?)
+        }
+    }
+}
+
+/// [`run`] on a VM of either backend.
+fn run_on<V: Vm>(cfg: &VmConfig, vm: V) -> Result<RunOutcome, VmError>
+where
+    V::Vcpu: 'static,
+{
     let mem = vm.create_memory(&layout::ram_ranges(cfg.memory))?;
 
     let initrd = cfg.initrd.as_ref().map(read_file).transpose()?;

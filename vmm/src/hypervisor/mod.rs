@@ -8,6 +8,7 @@
 //! results through registers. Each backend turns its own exits into
 //! [`VcpuExit`] and completes reads its own way on the next [`Vcpu::run`].
 
+pub mod bhyve;
 pub mod kvm;
 
 use std::ptr::NonNull;
@@ -18,6 +19,52 @@ use nmvm_devices::Interrupt;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+/// Which hypervisor nmvm drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Linux KVM (`/dev/kvm`).
+    Kvm,
+    /// FreeBSD's bhyve kernel module (`/dev/vmmctl`, `/dev/vmm/NAME`).
+    Bhyve,
+}
+
+impl Backend {
+    /// The native hypervisor of the OS nmvm was built for.
+    pub const fn native() -> Self {
+        if cfg!(target_os = "freebsd") {
+            Backend::Bhyve
+        } else {
+            Backend::Kvm
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "kvm" => Ok(Backend::Kvm),
+            "bhyve" => Ok(Backend::Bhyve),
+            _ => Err(format!("unknown hypervisor {s:?}: use kvm or bhyve")),
+        }
+    }
+}
+
+static SELECTED: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+
+/// Chooses the backend for the VMs this process creates (`nmvm run
+/// --hypervisor`); the first choice stands. Without one, VMs use
+/// [`Backend::native`].
+pub fn select(backend: Backend) {
+    let _ = SELECTED.set(backend);
+}
+
+/// The backend VMs are created on.
+pub fn selected() -> Backend {
+    SELECTED.get().copied().unwrap_or(Backend::native())
+}
 
 /// Errors from a hypervisor backend.
 #[derive(Debug, Error)]
@@ -45,6 +92,10 @@ pub enum HypervisorError {
     /// The hypervisor lacks something nmvm needs.
     #[error("the hypervisor does not support {0}")]
     Unsupported(&'static str),
+    /// A guest access the VMM emulates (bhyve: port I/O and MMIO through
+    /// registers) could not be carried out.
+    #[error("cannot emulate the guest's access: {0}")]
+    Emulation(String),
     /// Guest memory could not be allocated.
     #[error("cannot allocate {size} bytes of guest memory: {reason}")]
     Memory {
@@ -219,4 +270,22 @@ pub trait Vm: Send + Sync {
 pub trait Vcpu: Send {
     /// Runs the vCPU until the next exit the VMM must handle.
     fn run(&mut self) -> Result<VcpuExit<'_>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backend;
+
+    #[test]
+    fn backends_parse_and_default_to_the_native_one() {
+        assert_eq!("kvm".parse::<Backend>(), Ok(Backend::Kvm));
+        assert_eq!("bhyve".parse::<Backend>(), Ok(Backend::Bhyve));
+        assert!("xen".parse::<Backend>().is_err());
+        let native = if cfg!(target_os = "freebsd") {
+            Backend::Bhyve
+        } else {
+            Backend::Kvm
+        };
+        assert_eq!(Backend::native(), native);
+    }
 }

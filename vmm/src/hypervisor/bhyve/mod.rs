@@ -1,0 +1,882 @@
+//! The bhyve backend: FreeBSD's `vmm.ko` driven directly through
+//! `/dev/vmmctl` and `/dev/vmm/NAME`, without libvmmapi.
+//!
+//! - [`abi`]: ioctl numbers and structs (plain data, tested on every OS);
+//! - [`decode`]: the MMIO instruction decoder (iced-x86) and x86's
+//!   register-width rules;
+//! - [`exit`]: `struct vm_exit` to an access-level step, a pure function of
+//!   the exit bytes and a register accessor;
+//! - this file: the VM, its memory, interrupts and vCPUs.
+//!
+//! The module compiles on every OS; off FreeBSD, opening `/dev/vmmctl`
+//! fails at run time with an error that says bhyve needs FreeBSD.
+//!
+//! bhyve has no ioeventfd or irqfd. A queue notification is an MMIO exit on
+//! the vCPU thread, which the shared virtio-pci code turns into a write of
+//! the queue's kick eventfd (the device worker polls those eventfds either
+//! way), and interrupts are raised from any thread with `VM_LAPIC_MSI` and
+//! `VM_ISA_PULSE_IRQ`, which take no vCPU lock.
+
+pub mod abi;
+pub mod decode;
+pub mod exit;
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{debug, warn};
+use nmvm_devices::pci::msix::{MsiMessage, MsiVector};
+use nmvm_devices::Interrupt;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::abi::{SegDesc, VmReg};
+use self::decode::MmioInsn;
+use self::exit::{ExitError, Registers, Step};
+use super::{CpuState, HypervisorError, Result, Segment, VcpuExit};
+
+/// The control device of FreeBSD 15's vmm.
+pub const VMMCTL_PATH: &str = "/dev/vmmctl";
+
+#[cfg(all(target_os = "linux", target_env = "musl"))]
+type IoctlRequest = libc::c_int;
+#[cfg(not(all(target_os = "linux", target_env = "musl")))]
+type IoctlRequest = libc::c_ulong;
+
+/// `ioctl(fd, req, arg)` on a vmm(4) argument struct.
+fn ioctl<T>(fd: RawFd, req: u32, arg: &mut T) -> io::Result<()> {
+    // SAFETY: every request nmvm issues is paired with the `#[repr(C)]`
+    // struct of `abi` whose size is encoded in `req` (the abi tests check
+    // both against the reference), so the kernel reads and writes exactly
+    // `*arg`, which is a live, exclusive borrow for the whole call. Structs
+    // that carry pointers (VM_RUN) point at buffers the caller keeps alive
+    // across the call.
+    let r = unsafe { libc::ioctl(fd, req as IoctlRequest, arg as *mut T) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn call(op: &'static str) -> impl FnOnce(io::Error) -> HypervisorError {
+    move |source| HypervisorError::Call { op, source }
+}
+
+/// How the VM goes away when nmvm is done with it.
+enum Teardown {
+    /// Created with `VMMCTL_CREATE_DESTROY_ON_CLOSE`: closing this
+    /// `/dev/vmmctl` fd destroys it.
+    DestroyOnClose(#[allow(dead_code)] File),
+    /// Created through `/dev/vmmctl` by a kernel without the flag.
+    Ioctl(File),
+    /// Created with the legacy `hw.vmm.create` sysctl.
+    Sysctl,
+}
+
+/// An open bhyve: `/dev/vmmctl`, or the legacy sysctl interface when the
+/// kernel predates it.
+pub struct BhyveHypervisor {
+    ctl: Option<File>,
+}
+
+fn open_vmmctl() -> io::Result<File> {
+    // vmmctl refuses opens without FWRITE.
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(VMMCTL_PATH)
+}
+
+static VM_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl BhyveHypervisor {
+    /// Opens `/dev/vmmctl` (falling back to the `hw.vmm.create` sysctl on
+    /// FreeBSD 14 and earlier).
+    pub fn new() -> Result<Self> {
+        match open_vmmctl() {
+            Ok(ctl) => Ok(Self { ctl: Some(ctl) }),
+            Err(e) if cfg!(target_os = "freebsd") && e.kind() == io::ErrorKind::NotFound => {
+                if std::path::Path::new("/dev/vmm").exists() {
+                    debug!("no {VMMCTL_PATH}: using the legacy hw.vmm.create sysctl");
+                    Ok(Self { ctl: None })
+                } else {
+                    Err(HypervisorError::Open {
+                        path: VMMCTL_PATH,
+                        source: e,
+                        hint: "load bhyve's kernel module first: kldload vmm",
+                    })
+                }
+            }
+            Err(source) => Err(HypervisorError::Open {
+                path: VMMCTL_PATH,
+                source,
+                hint: if cfg!(target_os = "freebsd") {
+                    "run nmvm as root (vmmctl is 0600 root:wheel) with vmm.ko loaded (kldload vmm)"
+                } else {
+                    "the bhyve backend needs FreeBSD's vmm.ko; on Linux use --hypervisor kvm"
+                },
+            }),
+        }
+    }
+
+    /// The largest vCPU count this backend runs (application processors
+    /// are not started on bhyve yet).
+    pub fn max_vcpus(&self) -> usize {
+        1
+    }
+
+    /// Creates a VM named `nmvm-PID-N` that is destroyed when it is dropped
+    /// (or when the process dies, with destroy-on-close).
+    pub fn create_vm(&self) -> Result<BhyveVm> {
+        let name = format!(
+            "nmvm-{}-{}",
+            std::process::id(),
+            VM_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let raw = abi::vm_name(&name).ok_or(HypervisorError::Unsupported("this VM name"))?;
+        let teardown = match &self.ctl {
+            Some(_) => {
+                // A description of its own, so that closing it destroys
+                // this VM only (destroy-on-close is per open file).
+                let ctl = open_vmmctl().map_err(call("open /dev/vmmctl"))?;
+                let mut req = abi::VmmctlVmCreate::new(raw, abi::VMMCTL_CREATE_DESTROY_ON_CLOSE);
+                match ioctl(ctl.as_raw_fd(), abi::VMMCTL_VM_CREATE, &mut req) {
+                    Ok(()) => Teardown::DestroyOnClose(ctl),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        // A kernel whose struct has no `flags` yet.
+                        debug!("VMMCTL_VM_CREATE refused destroy-on-close; destroying explicitly");
+                        let mut req = abi::VmmctlVmCreate::new(raw, 0);
+                        ioctl(ctl.as_raw_fd(), abi::VMMCTL_VM_CREATE, &mut req)
+                            .map_err(call("VMMCTL_VM_CREATE"))?;
+                        Teardown::Ioctl(ctl)
+                    }
+                    Err(e) => return Err(call("VMMCTL_VM_CREATE")(e)),
+                }
+            }
+            None => {
+                sysctl_vm("hw.vmm.create", &name).map_err(call("sysctl hw.vmm.create"))?;
+                Teardown::Sysctl
+            }
+        };
+        let guard = VmGuard { name, teardown };
+        let path = format!("/dev/vmm/{}", guard.name);
+        let fd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(call("open /dev/vmm/NAME"))?;
+        debug!("bhyve VM {} created", guard.name);
+        Ok(BhyveVm {
+            fd: Arc::new(fd),
+            memseg: Mutex::new(false),
+            guard,
+        })
+    }
+}
+
+/// Sets a `hw.vmm.create`/`hw.vmm.destroy` sysctl to a VM name.
+#[cfg(target_os = "freebsd")]
+fn sysctl_vm(sysctl: &str, name: &str) -> io::Result<()> {
+    let key = CString::new(sysctl).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `key` is NUL-terminated; the new value is `name.len()` bytes
+    // that stay borrowed for the call; no old value is requested (NULL
+    // pointers), so the kernel writes nothing into this process.
+    let r = unsafe {
+        libc::sysctlbyname(
+            key.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            name.as_ptr().cast(),
+            name.len(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The legacy sysctls exist only on FreeBSD.
+#[cfg(not(target_os = "freebsd"))]
+fn sysctl_vm(sysctl: &str, _name: &str) -> io::Result<()> {
+    let _ = CString::new(sysctl);
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Destroys the VM when dropped.
+struct VmGuard {
+    name: String,
+    teardown: Teardown,
+}
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        let result = match &self.teardown {
+            // Dropping the fd (right after this) destroys the VM.
+            Teardown::DestroyOnClose(_) => Ok(()),
+            Teardown::Ioctl(ctl) => match abi::vm_name(&self.name) {
+                Some(raw) => {
+                    let mut req = abi::VmmctlVmDestroy::new(raw);
+                    ioctl(ctl.as_raw_fd(), abi::VMMCTL_VM_DESTROY, &mut req)
+                }
+                None => Ok(()),
+            },
+            Teardown::Sysctl => sysctl_vm("hw.vmm.destroy", &self.name),
+        };
+        match result {
+            Ok(()) => debug!("bhyve VM {} destroyed", self.name),
+            Err(e) => warn!("cannot destroy bhyve VM {}: {e}", self.name),
+        }
+    }
+}
+
+/// A bhyve virtual machine (`/dev/vmm/NAME`).
+pub struct BhyveVm {
+    fd: Arc<File>,
+    /// Whether the system memory segment exists.
+    memseg: Mutex<bool>,
+    guard: VmGuard,
+}
+
+impl Drop for BhyveVm {
+    fn drop(&mut self) {
+        // Stop every vCPU for good before the VM goes away.
+        let mut req = abi::VmSuspend {
+            how: abi::suspend::POWEROFF,
+        };
+        if let Err(e) = ioctl(self.fd.as_raw_fd(), abi::VM_SUSPEND, &mut req) {
+            debug!("VM_SUSPEND of {}: {e}", self.guard.name);
+        }
+    }
+}
+
+impl BhyveVm {
+    /// The VM's name under /dev/vmm.
+    pub fn name(&self) -> &str {
+        &self.guard.name
+    }
+
+    fn alloc_sysmem(&self, len: u64) -> Result<()> {
+        let mut done = nmvm_devices::bus::lock(&self.memseg);
+        if *done {
+            return Err(HypervisorError::Unsupported(
+                "a second system memory segment on bhyve",
+            ));
+        }
+        let fd = self.fd.as_raw_fd();
+        let mut seg = abi::VmMemseg {
+            segid: abi::VM_SYSMEM,
+            len,
+            ..Default::default()
+        };
+        match ioctl(fd, abi::VM_ALLOC_MEMSEG, &mut seg) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
+                // FreeBSD 14 and earlier: the struct without NUMA fields.
+                let mut seg = abi::VmMemseg14 {
+                    segid: abi::VM_SYSMEM,
+                    len,
+                    ..Default::default()
+                };
+                ioctl(fd, abi::VM_ALLOC_MEMSEG_14, &mut seg).map_err(call("VM_ALLOC_MEMSEG"))?;
+            }
+            Err(e) => return Err(call("VM_ALLOC_MEMSEG")(e)),
+        }
+        *done = true;
+        Ok(())
+    }
+}
+
+impl super::Vm for BhyveVm {
+    type Vcpu = BhyveVcpu;
+
+    fn create_memory(&self, ranges: &[(u64, usize)]) -> Result<GuestMemoryMmap> {
+        let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+        let mem_err = |reason: String| HypervisorError::Memory {
+            size: total,
+            reason,
+        };
+        self.alloc_sysmem(total)?;
+        let mut regions = Vec::with_capacity(ranges.len());
+        let mut segoff = 0u64;
+        for &(gpa, len) in ranges {
+            let mut map = abi::VmMemmap {
+                gpa,
+                segid: abi::VM_SYSMEM,
+                segoff: segoff as i64,
+                len: len as u64,
+                prot: abi::PROT_ALL,
+                flags: 0,
+            };
+            ioctl(self.fd.as_raw_fd(), abi::VM_MMAP_MEMSEG, &mut map)
+                .map_err(call("VM_MMAP_MEMSEG"))?;
+            // The mmap offset on /dev/vmm/NAME is the guest-physical address.
+            let file = self.fd.try_clone().map_err(call("dup /dev/vmm/NAME"))?;
+            let region = MmapRegion::build(
+                Some(FileOffset::new(file, gpa)),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+            )
+            .map_err(|e| mem_err(format!("mmap of guest memory at {gpa:#x}: {e}")))?;
+            regions.push(
+                GuestRegionMmap::new(region, GuestAddress(gpa))
+                    .ok_or_else(|| mem_err(format!("region at {gpa:#x} wraps around")))?,
+            );
+            segoff += len as u64;
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| mem_err(e.to_string()))
+    }
+
+    unsafe fn map_shared_memory(&self, _gpa: u64, _host: NonNull<u8>, _len: usize) -> Result<()> {
+        // vmm.ko maps only its own memory segments into a guest, never
+        // arbitrary process memory.
+        Err(HypervisorError::Unsupported(
+            "mapping process memory into the guest (netmap passthrough) on bhyve",
+        ))
+    }
+
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn Interrupt>> {
+        Ok(Arc::new(PulseLine {
+            fd: self.fd.clone(),
+            gsi,
+        }))
+    }
+
+    fn msi_vectors(&self, count: usize) -> Result<Vec<Arc<dyn MsiVector>>> {
+        Ok((0..count)
+            .map(|_| {
+                Arc::new(LapicMsi {
+                    fd: self.fd.clone(),
+                    route: Mutex::new(None),
+                }) as Arc<dyn MsiVector>
+            })
+            .collect())
+    }
+
+    fn register_mmio_notify(&self, addr: u64, _evt: &EventFd) -> Result<()> {
+        // No ioeventfd: the write exits to the vCPU thread, and virtio-pci
+        // writes the same eventfd from there.
+        debug!("bhyve: queue notifications at {addr:#x} arrive as MMIO exits");
+        Ok(())
+    }
+
+    fn create_vcpu(&self, id: u8, _count: u8, state: &CpuState) -> Result<BhyveVcpu> {
+        if id != 0 {
+            return Err(HypervisorError::Unsupported(
+                "more than one vCPU on bhyve (nmvm does not start application processors there yet)",
+            ));
+        }
+        let fd = self.fd.as_raw_fd();
+        let cpuid = i32::from(id);
+        let mut x2apic = abi::VmX2apic {
+            cpuid,
+            state: abi::X2APIC_DISABLED,
+        };
+        ioctl(fd, abi::VM_SET_X2APIC_STATE, &mut x2apic).map_err(call("VM_SET_X2APIC_STATE"))?;
+        for w in boot_writes(state) {
+            match w {
+                BootWrite::Reg(reg, regval) => {
+                    let mut r = abi::VmRegister {
+                        cpuid,
+                        regnum: reg as i32,
+                        regval,
+                    };
+                    ioctl(fd, abi::VM_SET_REGISTER, &mut r).map_err(call("VM_SET_REGISTER"))?;
+                }
+                BootWrite::Desc(reg, desc) => {
+                    let mut d = abi::VmSegDesc {
+                        cpuid,
+                        regnum: reg as i32,
+                        desc,
+                    };
+                    ioctl(fd, abi::VM_SET_SEGMENT_DESCRIPTOR, &mut d)
+                        .map_err(call("VM_SET_SEGMENT_DESCRIPTOR"))?;
+                }
+            }
+        }
+        let mut act = abi::VmActivateCpu { vcpuid: cpuid };
+        ioctl(fd, abi::VM_ACTIVATE_CPU, &mut act).map_err(call("VM_ACTIVATE_CPU"))?;
+        Ok(BhyveVcpu {
+            fd: self.fd.clone(),
+            id: cpuid,
+            exit: Box::default(),
+            cpuset: Box::new([0; abi::CPUSET_BYTES]),
+            data: [0; 8],
+            pending: Pending::None,
+        })
+    }
+}
+
+/// One register or descriptor write of the boot CPU's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootWrite {
+    /// `VM_SET_REGISTER` (for a segment: its selector).
+    Reg(VmReg, u64),
+    /// `VM_SET_SEGMENT_DESCRIPTOR` (segments, GDTR, IDTR).
+    Desc(VmReg, SegDesc),
+}
+
+fn desc(s: &Segment) -> SegDesc {
+    SegDesc {
+        base: s.base,
+        limit: s.limit,
+        access: abi::seg_access(s),
+    }
+}
+
+/// The writes that put the boot CPU in `st`, in libvmmapi's order (control
+/// registers and EFER first, RIP last).
+pub fn boot_writes(st: &CpuState) -> Vec<BootWrite> {
+    use BootWrite::{Desc, Reg};
+    let mut w = vec![
+        Reg(VmReg::Cr0, st.cr0),
+        Reg(VmReg::Cr4, st.cr4),
+        Reg(VmReg::Efer, st.efer),
+        Reg(VmReg::Cr3, st.cr3),
+        Reg(VmReg::Rflags, st.rflags),
+        Desc(VmReg::Cs, desc(&st.cs)),
+        Reg(VmReg::Cs, u64::from(st.cs.selector)),
+    ];
+    for seg in [VmReg::Ds, VmReg::Es, VmReg::Fs, VmReg::Gs, VmReg::Ss] {
+        w.push(Desc(seg, desc(&st.data)));
+        w.push(Reg(seg, u64::from(st.data.selector)));
+    }
+    w.extend([
+        Desc(VmReg::Tr, desc(&st.tr)),
+        Reg(VmReg::Tr, u64::from(st.tr.selector)),
+        Desc(
+            VmReg::Ldtr,
+            SegDesc {
+                base: 0,
+                limit: 0,
+                access: abi::ACCESS_UNUSABLE,
+            },
+        ),
+        Reg(VmReg::Ldtr, 0),
+        Desc(
+            VmReg::Gdtr,
+            SegDesc {
+                base: st.gdt.base,
+                limit: u32::from(st.gdt.limit),
+                access: 0,
+            },
+        ),
+        Desc(
+            VmReg::Idtr,
+            SegDesc {
+                base: st.idt.base,
+                limit: u32::from(st.idt.limit),
+                access: 0,
+            },
+        ),
+        Reg(VmReg::Rsp, st.rsp),
+        Reg(VmReg::Rbp, st.rsp),
+        Reg(VmReg::Rsi, st.rsi),
+        Reg(VmReg::Rip, st.rip),
+    ]);
+    w
+}
+
+/// A legacy interrupt line: an edge on the 8259 and IOAPIC pins (ISA
+/// interrupts), or on an IOAPIC pin above 15.
+struct PulseLine {
+    fd: Arc<File>,
+    gsi: u32,
+}
+
+impl Interrupt for PulseLine {
+    fn trigger(&self) {
+        let fd = self.fd.as_raw_fd();
+        let result = if self.gsi < 16 {
+            let mut irq = abi::VmIsaIrq {
+                atpic_irq: self.gsi as i32,
+                ioapic_irq: self.gsi as i32,
+            };
+            ioctl(fd, abi::VM_ISA_PULSE_IRQ, &mut irq)
+        } else {
+            let mut irq = abi::VmIoapicIrq {
+                irq: self.gsi as i32,
+            };
+            ioctl(fd, abi::VM_IOAPIC_PULSE_IRQ, &mut irq)
+        };
+        if let Err(e) = result {
+            warn!("cannot raise interrupt line {}: {e}", self.gsi);
+        }
+    }
+}
+
+/// An MSI vector: `trigger` delivers the routed message with
+/// `VM_LAPIC_MSI` from the calling thread (the device worker).
+struct LapicMsi {
+    fd: Arc<File>,
+    route: Mutex<Option<MsiMessage>>,
+}
+
+impl MsiVector for LapicMsi {
+    fn set_route(&self, msg: Option<MsiMessage>) {
+        *nmvm_devices::bus::lock(&self.route) = msg;
+    }
+
+    fn trigger(&self) {
+        let Some(m) = *nmvm_devices::bus::lock(&self.route) else {
+            return;
+        };
+        let mut msi = abi::VmLapicMsi {
+            msg: u64::from(m.data),
+            addr: m.address,
+        };
+        if let Err(e) = ioctl(self.fd.as_raw_fd(), abi::VM_LAPIC_MSI, &mut msi) {
+            warn!("VM_LAPIC_MSI {:#x}/{:#x}: {e}", m.address, m.data);
+        }
+    }
+}
+
+/// A read the guest is waiting for, completed on the next run.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    None,
+    IoIn(usize),
+    Mmio(MmioInsn),
+}
+
+/// Register access through VM_GET/SET_REGISTER.
+struct IoctlRegs {
+    fd: RawFd,
+    cpuid: i32,
+}
+
+impl Registers for IoctlRegs {
+    fn get(&mut self, reg: VmReg) -> std::result::Result<u64, ExitError> {
+        let mut r = abi::VmRegister {
+            cpuid: self.cpuid,
+            regnum: reg as i32,
+            regval: 0,
+        };
+        ioctl(self.fd, abi::VM_GET_REGISTER, &mut r).map_err(|source| ExitError::Register {
+            op: "VM_GET_REGISTER",
+            reg,
+            source,
+        })?;
+        Ok(r.regval)
+    }
+
+    fn set(&mut self, reg: VmReg, value: u64) -> std::result::Result<(), ExitError> {
+        let mut r = abi::VmRegister {
+            cpuid: self.cpuid,
+            regnum: reg as i32,
+            regval: value,
+        };
+        ioctl(self.fd, abi::VM_SET_REGISTER, &mut r).map_err(|source| ExitError::Register {
+            op: "VM_SET_REGISTER",
+            reg,
+            source,
+        })
+    }
+}
+
+/// A bhyve vCPU.
+pub struct BhyveVcpu {
+    fd: Arc<File>,
+    id: i32,
+    exit: Box<abi::VmExitBuf>,
+    cpuset: Box<[u8; abi::CPUSET_BYTES]>,
+    /// The bytes of the last port or MMIO access.
+    data: [u8; 8],
+    pending: Pending,
+}
+
+fn exit_err(e: ExitError) -> HypervisorError {
+    HypervisorError::Emulation(e.to_string())
+}
+
+/// A name for an exit nmvm does not handle.
+fn exit_name(code: u32) -> &'static str {
+    use abi::exitcode::*;
+    match code {
+        VMX => "a bhyve VMX exit (entry failure or unhandled VM exit)",
+        SVM => "a bhyve SVM exit",
+        INOUT | INOUT_STR => "string or REP port I/O (INS/OUTS)",
+        SPINUP_AP => "an application-processor start (SPINUP_AP)",
+        TASK_SWITCH => "a task switch",
+        IPI => "an IPI exit",
+        DEBUG | DB | BPT | MTRAP => "a debug exit",
+        PAGING => "a nested page fault",
+        _ => "an exit nmvm does not handle",
+    }
+}
+
+/// Turns one exit step into a [`VcpuExit`] whose data lives in `data`
+/// (recording in `pending` the read to complete on the next run), or
+/// `None` for "enter the guest again".
+fn step_to_exit<'a>(
+    step: Step,
+    data: &'a mut [u8; 8],
+    pending: &mut Pending,
+) -> Option<VcpuExit<'a>> {
+    *data = [0; 8];
+    Some(match step {
+        Step::IoIn { port, size } => {
+            *pending = Pending::IoIn(size);
+            VcpuExit::IoIn {
+                port,
+                data: &mut data[..size],
+            }
+        }
+        Step::IoOut { port, size, value } => {
+            data[..4].copy_from_slice(&value.to_le_bytes());
+            VcpuExit::IoOut {
+                port,
+                data: &data[..size],
+            }
+        }
+        Step::MmioRead { gpa, insn } => {
+            *pending = Pending::Mmio(insn);
+            VcpuExit::MmioRead {
+                addr: gpa,
+                data: &mut data[..insn.size],
+            }
+        }
+        Step::MmioWrite { gpa, size, value } => {
+            *data = value.to_le_bytes();
+            VcpuExit::MmioWrite {
+                addr: gpa,
+                data: &data[..size],
+            }
+        }
+        Step::Suspended(how) => match how {
+            abi::suspend::RESET => VcpuExit::Reset,
+            abi::suspend::POWEROFF | abi::suspend::TRIPLEFAULT => VcpuExit::Shutdown,
+            abi::suspend::HALT => VcpuExit::Halt,
+            _ => VcpuExit::Other("a bhyve suspend of an unknown kind"),
+        },
+        Step::Halt => VcpuExit::Halt,
+        Step::Interrupted => VcpuExit::Interrupted,
+        Step::Resume => return None,
+        Step::Unhandled { exitcode, rip } => {
+            warn!("bhyve exit {exitcode} at rip {rip:#x}");
+            VcpuExit::Other(exit_name(exitcode))
+        }
+    })
+}
+
+/// Completes the read recorded in `pending` with the bytes in `data`.
+fn complete(pending: Pending, data: &[u8; 8], regs: &mut impl Registers) -> Result<()> {
+    match pending {
+        Pending::None => Ok(()),
+        Pending::IoIn(size) => {
+            let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            exit::complete_io_in(size, value, regs).map_err(exit_err)
+        }
+        Pending::Mmio(insn) => {
+            exit::complete_mmio_read(&insn, u64::from_le_bytes(*data), regs).map_err(exit_err)
+        }
+    }
+}
+
+impl super::Vcpu for BhyveVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        let mut regs = IoctlRegs {
+            fd: self.fd.as_raw_fd(),
+            cpuid: self.id,
+        };
+        let pending = std::mem::replace(&mut self.pending, Pending::None);
+        complete(pending, &self.data, &mut regs)?;
+        loop {
+            let mut run = abi::VmRun {
+                cpuid: self.id,
+                cpuset: self.cpuset.as_mut_ptr() as u64,
+                cpusetsize: abi::CPUSET_BYTES as u64,
+                vm_exit: self.exit.0.as_mut_ptr() as u64,
+            };
+            match ioctl(regs.fd, abi::VM_RUN, &mut run) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                    return Ok(VcpuExit::Interrupted)
+                }
+                Err(e) => return Err(call("VM_RUN")(e)),
+            }
+            let step = exit::handle_exit(&self.exit.0, &mut regs).map_err(exit_err)?;
+            if !matches!(step, Step::Resume) {
+                return Ok(step_to_exit(step, &mut self.data, &mut self.pending)
+                    .unwrap_or(VcpuExit::Interrupted));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit::tests::{FakeRegs, Image};
+    use super::*;
+    use crate::hypervisor::DescriptorTable;
+
+    #[test]
+    fn opening_off_freebsd_fails_with_a_clear_error() {
+        if cfg!(target_os = "freebsd") {
+            return;
+        }
+        let err = BhyveHypervisor::new().err().expect("no /dev/vmmctl here");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/dev/vmmctl") && msg.contains("FreeBSD"),
+            "{msg}"
+        );
+    }
+
+    /// One vCPU round trip without the kernel: exit image → VcpuExit →
+    /// the VMM fills the data → completion through the registers.
+    fn round_trip(img: &Image, regs: &mut FakeRegs, answer: &[u8]) -> String {
+        let mut data = [0u8; 8];
+        let mut pending = Pending::None;
+        let step = exit::handle_exit(img.bytes(), regs).unwrap();
+        let described = match step_to_exit(step, &mut data, &mut pending) {
+            Some(VcpuExit::IoIn { port, data }) => {
+                data.copy_from_slice(&answer[..data.len()]);
+                format!("in {port:#x}")
+            }
+            Some(VcpuExit::MmioRead { addr, data }) => {
+                data.copy_from_slice(&answer[..data.len()]);
+                format!("mmio read {addr:#x}/{}", data.len())
+            }
+            Some(VcpuExit::IoOut { port, data }) => format!("out {port:#x} {data:02x?}"),
+            Some(VcpuExit::MmioWrite { addr, data }) => format!("mmio write {addr:#x} {data:02x?}"),
+            Some(other) => format!("{other:?}"),
+            None => "resume".into(),
+        };
+        complete(pending, &data, regs).unwrap();
+        described
+    }
+
+    #[test]
+    fn vcpu_exits_complete_through_registers() {
+        let mut regs = FakeRegs::default();
+        regs.regs.insert(VmReg::Rax, 0xffff_ffff_ffff_ffff);
+        // inb 0x3fd answered with 0x60: AL only.
+        let s = round_trip(&Image::inout(0x10, true, 1, 0x3fd, 0), &mut regs, &[0x60]);
+        assert_eq!(s, "in 0x3fd");
+        assert_eq!(regs.regs[&VmReg::Rax], 0xffff_ffff_ffff_ff60);
+        // outb 0xf4, 7 (the exit port)
+        let s = round_trip(&Image::inout(0x10, false, 1, 0xf4, 0x107), &mut regs, &[]);
+        assert_eq!(s, "out 0xf4 [07]");
+        // movzx ecx, word [rax]: an MMIO read of 2 bytes, zero-extended.
+        regs.regs.insert(VmReg::Rcx, u64::MAX);
+        let img = Image::mmio(0x20, 0xc000_0012, &[0x0f, 0xb7, 0x08], true);
+        let s = round_trip(&img, &mut regs, &[0x34, 0x12]);
+        assert_eq!(s, "mmio read 0xc0000012/2");
+        assert_eq!(regs.regs[&VmReg::Rcx], 0x1234);
+        // mov [rdx], esi: an MMIO write of ESI.
+        regs.regs.insert(VmReg::Rsi, 0xaaaa_bbbb_0000_0001);
+        let img = Image::mmio(0x20, 0xc000_3004, &[0x89, 0x32], true);
+        let s = round_trip(&img, &mut regs, &[]);
+        assert_eq!(s, "mmio write 0xc0003004 [01, 00, 00, 00]");
+        // A reset and a triple fault end the VM as KVM's exits do.
+        let mut img = Image::new(abi::exitcode::SUSPENDED, 0, 0);
+        img.put(
+            abi::exit_off::SUSPENDED_HOW,
+            &abi::suspend::RESET.to_le_bytes(),
+        );
+        assert_eq!(round_trip(&img, &mut regs, &[]), "Reset");
+        img.put(
+            abi::exit_off::SUSPENDED_HOW,
+            &abi::suspend::TRIPLEFAULT.to_le_bytes(),
+        );
+        assert_eq!(round_trip(&img, &mut regs, &[]), "Shutdown");
+        assert_eq!(
+            round_trip(&Image::new(abi::exitcode::BOGUS, 0, 0), &mut regs, &[]),
+            "Interrupted"
+        );
+        assert_eq!(
+            round_trip(&Image::new(abi::exitcode::WRMSR, 2, 0), &mut regs, &[]),
+            "resume"
+        );
+    }
+
+    #[test]
+    fn boot_state_becomes_libvmmapi_style_writes() {
+        let code = Segment {
+            selector: 0x08,
+            type_: 0xb,
+            present: true,
+            s: true,
+            l: true,
+            ..Default::default()
+        };
+        let data = Segment {
+            selector: 0x10,
+            type_: 3,
+            present: true,
+            s: true,
+            ..Default::default()
+        };
+        let st = CpuState {
+            rip: 0x100_0000,
+            rsp: 0x8ff0,
+            rsi: 0x7000,
+            rflags: 2,
+            cs: code,
+            data,
+            tr: Segment {
+                type_: 0xb,
+                present: true,
+                ..Default::default()
+            },
+            gdt: DescriptorTable {
+                base: 0x500,
+                limit: 23,
+            },
+            idt: DescriptorTable::default(),
+            cr0: 0x8000_0031,
+            cr3: 0x9000,
+            cr4: 0x20,
+            efer: 0x500,
+        };
+        let w = boot_writes(&st);
+        assert_eq!(
+            &w[..3],
+            &[
+                BootWrite::Reg(VmReg::Cr0, 0x8000_0031),
+                BootWrite::Reg(VmReg::Cr4, 0x20),
+                BootWrite::Reg(VmReg::Efer, 0x500),
+            ]
+        );
+        assert_eq!(*w.last().unwrap(), BootWrite::Reg(VmReg::Rip, 0x100_0000));
+        let find = |reg| {
+            w.iter()
+                .find_map(|x| match x {
+                    BootWrite::Desc(r, d) if *r == reg => Some(*d),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert_eq!(find(VmReg::Cs).access, 0x209b);
+        for seg in [VmReg::Ds, VmReg::Es, VmReg::Fs, VmReg::Gs, VmReg::Ss] {
+            assert_eq!(find(seg).access, 0x93);
+            assert!(w.contains(&BootWrite::Reg(seg, 0x10)));
+        }
+        assert_eq!(find(VmReg::Tr).access, 0x8b);
+        assert_eq!(find(VmReg::Ldtr).access, 0x1_0000);
+        assert_eq!(
+            find(VmReg::Gdtr),
+            SegDesc {
+                base: 0x500,
+                limit: 23,
+                access: 0
+            }
+        );
+        assert!(w.contains(&BootWrite::Reg(VmReg::Cs, 0x08)));
+        assert!(w.contains(&BootWrite::Reg(VmReg::Rsi, 0x7000)));
+        assert!(w.contains(&BootWrite::Reg(VmReg::Rsp, 0x8ff0)));
+    }
+}
