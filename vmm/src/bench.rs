@@ -5,6 +5,15 @@
 //! the real pkt-gen engine sits on the other end of a userspace netmap pipe.
 //! In the same run: the copy limit (one thread copying the same frames
 //! between two rings of buffers) and, where available, the tap path.
+//!
+//! With `/dev/kvm`, also the guest in the loop: the bundled guest's user-mode
+//! (CPL 3) appliance in a real VM (`nmvm::vm::run` in this process) as `net=gen`
+//! (TX) or `net=sink` (RX) against the pkt-gen engine on the other end of the
+//! pipe, on the virtio path (`guest-virtio`) and on passthrough
+//! (`guest-netmap`), 64 and 1514 bytes. The guest measures its own rate with
+//! its calibrated TSC (first to last batch) and prints it; the row takes that
+//! rate and divides the VM's exits and the device's kicks and interrupts by the
+//! guest's frames.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,15 +30,19 @@ use serde::Serialize;
 
 use crate::frame::{self, Endpoints};
 use crate::pktgen::{self, Mode, PktGenOptions};
+use crate::vm::{self, ConsoleConfig, KernelChoice, NetSpec, VmConfig};
 
 /// Frame sizes measured.
 pub const SIZES: [usize; 6] = [64, 128, 256, 512, 1024, 1514];
+/// Frame sizes of the guest-in-the-loop rows (each boots a VM).
+pub const GUEST_SIZES: [usize; 2] = [64, 1514];
 const QUEUE_SIZE: u16 = 256;
 
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    /// `nmvm` (virtio path), `passthrough`, `tap` or `copy`.
+    /// `nmvm` (virtio path), `passthrough`, `tap` or `copy` (synthetic
+    /// driver), or `guest-virtio` / `guest-netmap` (the bundled guest in a VM).
     pub path: &'static str,
     /// `tx` (guest to peer) or `rx` (peer to guest); `copy` for the limit.
     pub dir: &'static str,
@@ -43,6 +56,9 @@ pub struct Row {
     pub kicks_per_pkt: f64,
     /// Interrupts per frame.
     pub irqs_per_pkt: f64,
+    /// VM exits that reached nmvm per frame (guest rows only; boot and
+    /// device set-up included).
+    pub exits_per_pkt: f64,
     /// Frames per device-worker wake-up.
     pub avg_batch: f64,
     /// Frames counted.
@@ -83,6 +99,7 @@ fn row(path: &'static str, dir: &'static str, size: usize, frames: u64, secs: f6
         gbps: pps * size as f64 * 8.0 / 1e9,
         kicks_per_pkt: 0.0,
         irqs_per_pkt: 0.0,
+        exits_per_pkt: 0.0,
         avg_batch: 0.0,
         frames,
         mpps_min: pps / 1e6,
@@ -453,6 +470,133 @@ pub fn tap_rx(size: usize, dur: Duration) -> Result<Row, String> {
     Ok(r)
 }
 
+/// Which way the guest-in-the-loop rows reach the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestPath {
+    /// The guest's virtio-net driver, nmvm's device worker between it and the pipe.
+    Virtio,
+    /// The guest on the passed-through netmap rings (`--passthrough`, `path=netmap`).
+    Netmap,
+}
+
+/// Why a guest row could not be measured.
+#[derive(Debug)]
+pub enum GuestError {
+    /// `/dev/kvm` cannot be opened: the guest rows are left out.
+    NoKvm(std::io::Error),
+    /// Anything else.
+    Failed(String),
+}
+
+impl std::fmt::Display for GuestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestError::NoKvm(e) => write!(f, "cannot open /dev/kvm ({e})"),
+            GuestError::Failed(s) => f.write_str(s),
+        }
+    }
+}
+
+/// The guest's rate line: `nmvm-guest: rate X Mpps (N frames in U us)` →
+/// `(N, seconds)`.
+pub fn parse_guest_rate(line: &str) -> Option<(u64, f64)> {
+    let rest = line.strip_prefix("nmvm-guest: rate ")?;
+    let inner = rest.split_once('(')?.1;
+    let mut words = inner.split_whitespace();
+    let frames = words.next()?.parse().ok()?;
+    let us: u64 = words.nth(2)?.parse().ok()?;
+    Some((frames, us as f64 / 1e6))
+}
+
+/// The bundled guest in a VM (vCPU thread and device worker, both inside
+/// `vm::run` on its own thread here) against the pkt-gen engine (this
+/// thread's peer thread): `net=gen` for TX, `net=sink` for RX, `secs=` long.
+pub fn guest_row(
+    path: GuestPath,
+    dir: &'static str,
+    size: usize,
+    dur: Duration,
+) -> Result<Row, GuestError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(GuestError::NoKvm)?;
+    let tag = match path {
+        GuestPath::Virtio => "gv",
+        GuestPath::Netmap => "gn",
+    };
+    let (dev_end, peer_end) = unique_pipe(&format!("{tag}{dir}"), size);
+    let secs = dur.as_secs().max(1);
+    let len = size.clamp(frame::MIN_LEN, frame::MAX_LEN);
+    let mut cmdline = match dir {
+        "tx" => format!("net=gen len={len} count=4000000000 secs={secs}"),
+        _ => format!("net=sink secs={secs}"),
+    };
+    if path == GuestPath::Netmap {
+        cmdline.push_str(" path=netmap");
+    }
+    let cfg = VmConfig {
+        kernel: KernelChoice::Bundled,
+        initrd: None,
+        cmdline,
+        memory: 256 << 20,
+        cpus: 1,
+        started: Instant::now(),
+        console: ConsoleConfig {
+            stdout: false,
+            ..ConsoleConfig::default()
+        },
+        timeout: Some(dur + Duration::from_secs(60)),
+        net: Some(NetSpec {
+            port: dev_end,
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            vnet_hdr: false,
+            passthrough: path == GuestPath::Netmap,
+        }),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = peer(
+        peer_end,
+        if dir == "tx" { Mode::Rx } else { Mode::Tx },
+        size,
+        stop.clone(),
+    );
+    let outcome = std::thread::Builder::new()
+        .name("nmvm-bench-vm".into())
+        .spawn(move || vm::run(&cfg))
+        .map_err(|e| GuestError::Failed(format!("cannot start the VM thread: {e}")))?
+        .join()
+        .map_err(|_| GuestError::Failed("the VM thread panicked".into()))?
+        .map_err(|e| GuestError::Failed(e.to_string()))?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = peer.join();
+    let rate = outcome
+        .recent_lines
+        .iter()
+        .find_map(|l| parse_guest_rate(l));
+    let Some((frames, secs)) = rate else {
+        return Err(GuestError::Failed(format!(
+            "the guest printed no rate ({}); last lines: {:?}",
+            outcome.reason, outcome.recent_lines
+        )));
+    };
+    let name = match path {
+        GuestPath::Virtio => "guest-virtio",
+        GuestPath::Netmap => "guest-netmap",
+    };
+    let mut r = row(name, dir, size, frames, secs);
+    let f = frames.max(1) as f64;
+    r.exits_per_pkt = outcome.exits.total() as f64 / f;
+    if let Some(net) = &outcome.net {
+        let c = &net.counters;
+        r.kicks_per_pkt = c.kicks.load(Ordering::Relaxed) as f64 / f;
+        r.irqs_per_pkt = c.interrupts.load(Ordering::Relaxed) as f64 / f;
+        r.avg_batch = f / c.wakeups.load(Ordering::Relaxed).max(1) as f64;
+    }
+    Ok(r)
+}
+
 /// The copy limit: one thread copying frames of `size` bytes between two
 /// rings of 256 buffers of 2048 bytes.
 pub fn copy_limit(size: usize, dur: Duration) -> Row {
@@ -478,6 +622,7 @@ pub fn copy_limit(size: usize, dur: Duration) -> Row {
 pub fn run(sizes: &[usize], dur: Duration, repeat: u32) -> std::io::Result<BenchReport> {
     let mut rows = Vec::new();
     let mut tap_ok = true;
+    let mut guest_ok = true;
     for &size in sizes {
         rows.push(median_of(repeat, || {
             Ok::<_, std::io::Error>(copy_limit(size, dur))
@@ -486,6 +631,25 @@ pub fn run(sizes: &[usize], dur: Duration, repeat: u32) -> std::io::Result<Bench
         rows.push(median_of(repeat, || netmap_rx(size, dur))?);
         rows.push(median_of(repeat, || passthrough_tx(size, dur))?);
         rows.push(median_of(repeat, || passthrough_rx(size, dur))?);
+        if guest_ok && GUEST_SIZES.contains(&size) {
+            'guest: for path in [GuestPath::Virtio, GuestPath::Netmap] {
+                for dir in ["tx", "rx"] {
+                    match median_of(repeat, || guest_row(path, dir, size, dur)) {
+                        Ok(r) => rows.push(r),
+                        Err(GuestError::NoKvm(e)) => {
+                            eprintln!(
+                                "nmvm bench: no guest-in-the-loop rows: cannot open /dev/kvm ({e})"
+                            );
+                            guest_ok = false;
+                            break 'guest;
+                        }
+                        Err(e) => {
+                            eprintln!("nmvm bench: guest row {path:?} {dir} {size} B failed: {e}")
+                        }
+                    }
+                }
+            }
+        }
         if tap_ok {
             for r in [
                 median_of(repeat, || tap_tx(size, dur)),
@@ -506,7 +670,7 @@ pub fn run(sizes: &[usize], dur: Duration, repeat: u32) -> std::io::Result<Bench
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         seconds: dur.as_secs_f64(),
         repeat,
-        threads: "unpinned: synthetic driver, device worker and netmap peer each on its own thread",
+        threads: "unpinned on all cores: synthetic rows: synthetic driver, device worker and netmap peer each on its own thread; guest rows: the VM's vCPU thread (the guest polls at CPL 3), its device worker, and the pkt-gen peer",
         rows,
     })
 }
@@ -527,12 +691,21 @@ fn median_of<E>(n: u32, mut measure: impl FnMut() -> Result<Row, E>) -> Result<R
 /// The human table.
 pub fn table(r: &BenchReport) -> String {
     let mut out = format!(
-        "{:<11} {:<4} {:>5} {:>9} {:>17} {:>8} {:>11} {:>10} {:>9}\n",
-        "path", "dir", "size", "Mpps", "(min-max)", "Gbit/s", "kicks/pkt", "irqs/pkt", "batch"
+        "{:<13} {:<4} {:>5} {:>9} {:>17} {:>8} {:>11} {:>10} {:>10} {:>9}\n",
+        "path",
+        "dir",
+        "size",
+        "Mpps",
+        "(min-max)",
+        "Gbit/s",
+        "kicks/pkt",
+        "irqs/pkt",
+        "exits/pkt",
+        "batch"
     );
     for row in &r.rows {
         out.push_str(&format!(
-            "{:<11} {:<4} {:>5} {:>9.3} {:>17} {:>8.2} {:>11.5} {:>10.5} {:>9.1}\n",
+            "{:<13} {:<4} {:>5} {:>9.3} {:>17} {:>8.2} {:>11.5} {:>10.5} {:>10.5} {:>9.1}\n",
             row.path,
             row.dir,
             row.size,
@@ -541,6 +714,7 @@ pub fn table(r: &BenchReport) -> String {
             row.gbps,
             row.kicks_per_pkt,
             row.irqs_per_pkt,
+            row.exits_per_pkt,
             row.avg_batch
         ));
     }
@@ -579,6 +753,14 @@ pub fn ratio_lines(r: &BenchReport) -> Vec<String> {
                     p / n
                 ));
             }
+            for (path, name) in [
+                ("guest-virtio", "guest virtio"),
+                ("guest-netmap", "guest netmap"),
+            ] {
+                if let Some(g) = find(path, dir, size) {
+                    line.push_str(&format!("; {name} {g:.2} Mpps"));
+                }
+            }
             lines.push(line);
         }
     }
@@ -587,13 +769,17 @@ pub fn ratio_lines(r: &BenchReport) -> Vec<String> {
 
 /// An SVG plot of Mpps against frame size for each path and direction.
 pub fn svg(r: &BenchReport) -> String {
-    let (w, h, left, bottom, top, right) = (720.0, 420.0, 60.0, 50.0, 40.0, 170.0);
+    let (w, h, left, bottom, top, right) = (760.0, 440.0, 60.0, 50.0, 40.0, 190.0);
     let series: Vec<(&str, &str, &str, &str)> = vec![
         ("copy", "copy", "copy limit", "#888888"),
         ("nmvm", "tx", "nmvm TX", "#1f77b4"),
         ("nmvm", "rx", "nmvm RX", "#2ca02c"),
         ("passthrough", "tx", "passthrough TX", "#9467bd"),
         ("passthrough", "rx", "passthrough RX", "#8c564b"),
+        ("guest-virtio", "tx", "guest virtio TX", "#17becf"),
+        ("guest-virtio", "rx", "guest virtio RX", "#bcbd22"),
+        ("guest-netmap", "tx", "guest netmap TX", "#e377c2"),
+        ("guest-netmap", "rx", "guest netmap RX", "#7f7f7f"),
         ("tap", "tx", "tap TX", "#d62728"),
         ("tap", "rx", "tap RX", "#ff7f0e"),
     ];
@@ -712,4 +898,43 @@ pub fn worker_frames(n: u64) -> std::io::Result<u64> {
     let received = peer.join().unwrap_or(0);
     net.reset();
     Ok(received)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_rate_lines_parse() {
+        assert_eq!(
+            parse_guest_rate("nmvm-guest: rate 12.345 Mpps (12345000 frames in 1000000 us)"),
+            Some((12_345_000, 1.0))
+        );
+        assert_eq!(
+            parse_guest_rate("nmvm-guest: net gen: rx 0 tx 5 bad 0"),
+            None
+        );
+        assert_eq!(
+            parse_guest_rate("nmvm-guest: rate 1 Mpps (x frames in 3 us)"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_table_has_the_guest_columns() {
+        let mut r = row("guest-netmap", "tx", 64, 20_000_000, 1.0);
+        r.exits_per_pkt = 0.0001;
+        let report = BenchReport {
+            cores: 2,
+            seconds: 1.0,
+            repeat: 1,
+            threads: "",
+            rows: vec![row("nmvm", "tx", 64, 8_000_000, 1.0), r],
+        };
+        let t = table(&report);
+        assert!(t.contains("exits/pkt"), "{t}");
+        assert!(t.contains("guest-netmap  tx      64    20.000"), "{t}");
+        assert!(ratio_lines(&report)[0].contains("guest netmap 20.00 Mpps"));
+        assert!(svg(&report).contains("guest netmap TX"));
+    }
 }

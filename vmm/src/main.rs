@@ -384,6 +384,15 @@ fn report(outcome: &RunOutcome, stats: bool) {
         }
     }
     if let Some(net) = &outcome.net {
+        let unsent = net
+            .counters
+            .tx_unsent_at_stop
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if unsent > 0 {
+            eprintln!(
+                "nmvm: {unsent} frames from the guest were still waiting for the netmap peer when the VM ended (the peer took nothing for 0.5 s); they were not delivered"
+            );
+        }
         let p = &net.port;
         let peer_errors = p.bad_index + p.bad_buf_idx + p.bad_len + p.bad_frame;
         if net.counters.guest_errors()

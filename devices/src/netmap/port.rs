@@ -236,6 +236,26 @@ impl Port {
         }
     }
 
+    /// [`Port::prepare_wait`] for a sender whose tx ring still holds
+    /// frames the peer had no room for: arms a wake-up for when they can
+    /// move. Returns true if none are pending any more (do not sleep).
+    /// Kernel ports: their own poll does this; always false.
+    pub fn prepare_wait_drain(&mut self, rx: bool) -> Result<bool, NetmapError> {
+        match &mut self.backend {
+            Backend::Shm(s) => Ok(s.prepare_wait_drain(rx)),
+            Backend::Kernel(_) => Ok(false),
+        }
+    }
+
+    /// Tx slots synced but not yet taken by the peer (userspace ports; 0
+    /// for kernel ports, whose kernel keeps them).
+    pub fn tx_pending_slots(&self) -> u32 {
+        match &self.backend {
+            Backend::Shm(s) => s.tx_pending_slots(),
+            Backend::Kernel(_) => 0,
+        }
+    }
+
     /// Clears a notification after a wake-up (userspace ports).
     pub fn ack_wakeup(&mut self) {
         if let Backend::Shm(s) = &mut self.backend {

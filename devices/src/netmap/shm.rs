@@ -1229,6 +1229,36 @@ impl ShmPort {
         false
     }
 
+    /// Like [`Self::prepare_wait`] (with `tx` false), but also waits for
+    /// the frames still in our tx ring, which the peer had no room for, to
+    /// move: asks the peer for a kick when it frees room. True if nothing
+    /// is pending any more (or `rx` is ready): do not sleep.
+    pub(crate) fn prepare_wait_drain(&mut self, rx: bool) -> bool {
+        let drained = |p: &Self| p.tx_hwcur == p.my_tx.head();
+        self.sync(rx);
+        if drained(self) || self.ready(rx, false) {
+            return true;
+        }
+        self.set_kicks(rx, true, 1);
+        fence(Ordering::SeqCst);
+        self.sync(rx);
+        if drained(self) || self.ready(rx, false) {
+            self.set_kicks(rx, true, 0);
+            return true;
+        }
+        false
+    }
+
+    /// Tx slots handed to [`Self::txsync`] that have not reached the peer.
+    pub(crate) fn tx_pending_slots(&self) -> u32 {
+        let n = self.layout.num_slots;
+        let head = self.my_tx.head();
+        if head >= n {
+            return 0;
+        }
+        (head + n - self.tx_hwcur) % n
+    }
+
     /// Clears a wake-up on our eventfd.
     pub(crate) fn ack_wakeup(&mut self) {
         if sys::eventfd_drain(self.my_efd.as_fd()) != 0 {

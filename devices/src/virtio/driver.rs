@@ -584,6 +584,56 @@ mod tests {
         f
     }
 
+    /// Frames the peer had no room for wait in the device's tx ring; they
+    /// must leave as soon as the peer makes room, with no further kick
+    /// from the guest (which has seen all its buffers used and is idle).
+    #[test]
+    fn frames_queued_for_a_full_peer_leave_without_another_kick() {
+        let (a, b, opts) = pipe("drvdrain");
+        let dev_port = Port::open(&a, &opts).unwrap();
+        let mut peer = Port::open(&b, &opts).unwrap();
+        let mut drv = SyntheticDriver::new(256).unwrap();
+        let mut net = Net::new([0x52, 0x54, 0, 0, 0, 1], dev_port);
+        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX))
+            .unwrap();
+        // More than the peer's rx ring holds; the peer reads nothing yet.
+        let n = peer.rx_ring().num_slots() + 300;
+        let mut buf = Vec::new();
+        let (mut sent, mut used) = (0u32, 0u32);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while used < n {
+            assert!(Instant::now() < deadline, "the device used {used}/{n}");
+            while drv.tx.reap(&drv.mem).is_some() {
+                used += 1;
+            }
+            while sent < n && drv.tx.free() > 0 {
+                SyntheticDriver::tx_buffer(&frame(sent, 60), &mut buf);
+                assert!(drv.tx.post(&drv.mem, Some(&buf)));
+                sent += 1;
+            }
+            drv.tx.publish(&drv.mem);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The guest is done. Now the peer reads everything.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut got = 0u32;
+        let mut rxbuf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got < n {
+            assert!(Instant::now() < deadline, "the peer got {got}/{n}");
+            peer.rxsync().unwrap();
+            while let Some(len) = peer.rx_ring().recv(&mut rxbuf) {
+                assert_eq!(&rxbuf[..len], &frame(got, 60)[..]);
+                got += 1;
+            }
+            peer.rxsync().unwrap();
+            let _ = peer.wait_rx(Some(Duration::from_millis(10)));
+        }
+        let c = net.counters();
+        net.reset();
+        assert_eq!(c.tx_unsent_at_stop.load(Ordering::Relaxed), 0);
+    }
+
     #[test]
     fn tx_and_rx_move_exact_frames_through_a_netmap_pipe() {
         let (a, b, opts) = pipe("drvtxrx");

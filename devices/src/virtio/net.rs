@@ -98,6 +98,9 @@ pub struct NetCounters {
     /// Frames from the port dropped because they did not fit the guest's
     /// buffers (without mergeable buffers).
     pub rx_too_big: AtomicU64,
+    /// Tx slots (frames, for one-slot frames) still waiting for the peer
+    /// when the worker last stopped.
+    pub tx_unsent_at_stop: AtomicU64,
     /// Guest kicks received by the worker.
     pub kicks: AtomicU64,
     /// Interrupts raised.
@@ -119,7 +122,7 @@ impl NetCounters {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "tx {} frames {} bytes, rx {} frames {} bytes, dropped: {} bad chains, {} bad heads, {} bad avail index, {} rx too big; {} kicks, {} interrupts",
+            "tx {} frames {} bytes, rx {} frames {} bytes, dropped: {} bad chains, {} bad heads, {} bad avail index, {} rx too big, {} unsent at stop; {} kicks, {} interrupts",
             g(&self.tx_frames),
             g(&self.tx_bytes),
             g(&self.rx_frames),
@@ -128,6 +131,7 @@ impl NetCounters {
             g(&self.bad_heads),
             g(&self.bad_avail_index),
             g(&self.rx_too_big),
+            g(&self.tx_unsent_at_stop),
             g(&self.kicks),
             g(&self.interrupts)
         )
@@ -575,6 +579,10 @@ unsafe impl Send for Span {}
 /// patched in the guest's copy).
 static ZERO_HDR: [u8; HDR_LEN] = [0; HDR_LEN];
 
+/// How long a stopping worker waits for the peer to take the frames still
+/// in the tx ring.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Frames the netmap worker moves per queue before it looks at the other
 /// queue.
 const WORKER_BATCH: usize = 256;
@@ -722,7 +730,15 @@ impl Worker {
                 }
                 (rx_waits_for_guest.is_none(), tx_waits_for_port)
             };
-            let port_ready = match self.port.prepare_wait(want_rx, want_tx) {
+            // Frames the peer had no room for must still leave once it
+            // makes room, even if the guest sends nothing more.
+            let drain = !want_tx && self.port.tx_pending_slots() > 0;
+            let ready = if drain {
+                self.port.prepare_wait_drain(want_rx)
+            } else {
+                self.port.prepare_wait(want_rx, want_tx)
+            };
+            let port_ready = match ready {
                 Ok(ready) => ready,
                 Err(e) => {
                     warn!("virtio-net: netmap port: {e}");
@@ -767,9 +783,31 @@ impl Worker {
             }
         }
         self.kloop = None;
+        self.drain_tx_at_stop();
         self.publish_stats();
         self.positions.save(&self.rxq, &self.txq);
         self.port
+    }
+
+    /// Before the worker ends: gives the peer up to [`STOP_DRAIN`] to take
+    /// the frames still in the tx ring, and counts those it did not take
+    /// (they stay in the ring: sent after a device reset, lost if the VM
+    /// ends).
+    fn drain_tx_at_stop(&mut self) {
+        let deadline = std::time::Instant::now() + STOP_DRAIN;
+        while self.port.tx_pending_slots() > 0
+            && self.port.peer_connected()
+            && std::time::Instant::now() < deadline
+        {
+            if let Err(e) = self.port.txsync() {
+                warn!("virtio-net: txsync: {e}");
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        self.counters
+            .tx_unsent_at_stop
+            .store(u64::from(self.port.tx_pending_slots()), Ordering::Relaxed);
     }
 
     /// Makes the figures readable from outside while the worker sleeps.

@@ -9,7 +9,9 @@
 //!
 //! Command-line words: `exit=N|reset`, `wait=S`, `fault=panic|triple|sse`, and the packet
 //! modes `net=echo|sink|gen|hostile` with `count=N`, `len=L` / `len=MIN-MAX` and
-//! `path=virtio|netmap` (see [`net`], [`netmap`] and [`frame`]).
+//! `path=virtio|netmap` (see [`net`], [`netmap`] and [`frame`]), `secs=S` (end a packet mode
+//! S seconds after its first frame) and `mode=kernel|user` (where the appliance runs: at CPL 3
+//! by default, see [`usermode`]).
 //!
 //! Constraints inherited from the guest's execution environment (see DESIGN.md §3): no
 //! `core::fmt`, no floating point, and no code path that can panic. Every access below is
@@ -21,6 +23,7 @@
 pub mod frame;
 pub mod net;
 pub mod netmap;
+pub mod usermode;
 pub mod virtio;
 
 /// Offsets and helpers for the Linux `boot_params` "zero page".
@@ -479,6 +482,20 @@ pub struct Config {
     pub count: Option<u64>,
     /// `len=L` or `len=MIN-MAX`.
     pub len: FrameLen,
+    /// `secs=S`: a packet mode ends S seconds after its first frame (or at `count=`).
+    pub secs: Option<u32>,
+    /// `mode=kernel|user`: where the appliance runs (default user, at CPL 3).
+    pub mode: RunMode,
+}
+
+/// Where everything after the boot's kernel-mode core runs (`mode=...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RunMode {
+    /// At CPL 3, natively on emulated KVM, with the core reachable only through exceptions.
+    #[default]
+    User,
+    /// At CPL 0 as before the split, for comparison (emulated on our machines).
+    Kernel,
 }
 
 impl Default for Config {
@@ -491,6 +508,8 @@ impl Default for Config {
             path: NetPath::Virtio,
             count: None,
             len: FrameLen::default(),
+            secs: None,
+            mode: RunMode::User,
         }
     }
 }
@@ -587,6 +606,21 @@ pub fn parse_cmdline(cmdline: &[u8]) -> Result<Config, &[u8]> {
             }
             b"count" => cfg.count = Some(parse_decimal(value).ok_or(word)?),
             b"len" => cfg.len = parse_len(value).ok_or(word)?,
+            b"secs" => {
+                cfg.secs = Some(
+                    parse_decimal(value)
+                        .and_then(|n| u32::try_from(n).ok())
+                        .filter(|n| *n > 0)
+                        .ok_or(word)?,
+                );
+            }
+            b"mode" => {
+                cfg.mode = match value {
+                    b"user" => RunMode::User,
+                    b"kernel" => RunMode::Kernel,
+                    _ => return Err(word),
+                };
+            }
             _ => {}
         }
     }
@@ -676,9 +710,66 @@ pub fn tsc_hz(ticks: u64, pit_counts: u64) -> Option<u64> {
     (hz != 0).then_some(hz)
 }
 
+/// The rate line: `nmvm-guest: rate 12.345 Mpps (N frames in U us)`, from `frames` counted
+/// over `ticks` TSC ticks at `hz`. Nothing is printed for fewer than two frames or no time.
+pub fn write_rate(out: &mut impl Sink, frames: u64, ticks: u64, hz: u64) {
+    if frames < 2 || ticks == 0 || hz == 0 {
+        return;
+    }
+    let us = u128::from(ticks) * 1_000_000 / u128::from(hz);
+    // Thousandths of Mpps = frames per ms.
+    let milli_mpps = u128::from(frames) * u128::from(hz) / u128::from(ticks) / 1000;
+    let whole = u64::try_from(milli_mpps / 1000).unwrap_or(u64::MAX);
+    let frac = (milli_mpps % 1000) as u64;
+    out.write(b"nmvm-guest: rate ");
+    out.write_dec(whole);
+    out.write(b".");
+    let mut buf = [0u8; 20];
+    let digits = fmt_dec(frac, &mut buf);
+    for _ in digits.len()..3 {
+        out.write(b"0");
+    }
+    out.write(digits);
+    out.write(b" Mpps (");
+    out.write_dec(frames);
+    out.write(b" frames in ");
+    out.write_dec(u64::try_from(us).unwrap_or(u64::MAX));
+    out.write(b" us)\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_lines() {
+        let mut s = VecSink::default();
+        write_rate(&mut s, 12_345_000, 2_000_000_000, 2_000_000_000);
+        assert_eq!(
+            s.0,
+            b"nmvm-guest: rate 12.345 Mpps (12345000 frames in 1000000 us)\n"
+        );
+        let mut s = VecSink::default();
+        write_rate(&mut s, 5_000, 3_000_000_000, 3_000_000_000);
+        assert_eq!(
+            s.0,
+            b"nmvm-guest: rate 0.005 Mpps (5000 frames in 1000000 us)\n"
+        );
+        let mut s = VecSink::default();
+        write_rate(&mut s, 1, 10, 10);
+        write_rate(&mut s, 10, 0, 10);
+        assert!(s.0.is_empty());
+    }
+
+    #[test]
+    fn secs_and_mode_words() {
+        let c = parse_cmdline(b"net=gen secs=2 mode=kernel").unwrap();
+        assert_eq!((c.secs, c.mode), (Some(2), RunMode::Kernel));
+        let c = parse_cmdline(b"net=gen").unwrap();
+        assert_eq!((c.secs, c.mode), (None, RunMode::User));
+        assert_eq!(parse_cmdline(b"secs=0").unwrap_err(), b"secs=0");
+        assert_eq!(parse_cmdline(b"mode=ring1").unwrap_err(), b"mode=ring1");
+    }
 
     #[derive(Default)]
     struct VecSink(Vec<u8>);

@@ -5,6 +5,16 @@
 //! more (DESIGN.md §3), so everything here is integer-only, never touches `core::fmt`, and
 //! has no run-time panic path. The parsing, the frame code and the virtio-net driver live in
 //! the library, where they are unit-tested; this file supplies the hardware they drive.
+//!
+//! The guest is two parts. The kernel-mode core (`guest_main` up to [`enter_user_mode`], and
+//! the exception handler) prints the ready line, parses the command line, carries out the
+//! `fault=` modes, and builds the GDT, TSS, IDT and page tables of [`usermode`]. Then it drops
+//! to CPL 3 with `iretq` into [`user_main`]: the appliance (TSC calibration, `wait=`, device
+//! set-up and every packet loop, the exit) runs in user mode, natively on our machines'
+//! emulated KVM, reaching its ports through the TSS I/O bitmap and its rings, BARs and
+//! buffers through user pages. It asks the core for something (only the reset) with a marked
+//! `ud2`; any other exception ends the VM with a report and status 4. `mode=kernel` keeps the
+//! whole appliance at CPL 0, for comparison.
 
 #![no_std]
 #![no_main]
@@ -16,11 +26,13 @@ use core::panic::PanicInfo;
 use nmvm_guest::mptable::{self, MpError};
 use nmvm_guest::net::{self, Hw, DMA_SIZE};
 use nmvm_guest::netmap::{self, Region};
+use nmvm_guest::usermode::{self, sel, ExceptionReport, Layout, Trap, TSS_BYTES, VECTORS};
 use nmvm_guest::virtio::pci::{conf1_address, MMIO_HOLE_END, MMIO_HOLE_START};
 use nmvm_guest::virtio::{Dma, Mmio, PciConfig};
 use nmvm_guest::{
-    boot_params, parse_cmdline, read_cmdline, tsc_hz, write_ready_line, BootParams, Exit, Fault,
-    FrameLen, NetMode, NetPath, PhysMem, Sink, CMDLINE_MAX, IDENTITY_MAPPED_END,
+    boot_params, parse_cmdline, read_cmdline, tsc_hz, write_rate, write_ready_line, BootParams,
+    Config, Exit, Fault, NetMode, NetPath, PhysMem, RunMode, Sink, CMDLINE_MAX,
+    IDENTITY_MAPPED_END,
 };
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -153,14 +165,21 @@ fn pause() {
     unsafe { asm!("pause", options(nomem, nostack, preserves_flags)) }
 }
 
-/// Stops for good with interrupts off; `hlt` would not do, because with an in-kernel irqchip
-/// it never reaches the VMM, and the loop costs the emulator nothing it notices.
+/// Stops for good; `hlt` would not do, because with an in-kernel irqchip it never reaches the
+/// VMM (and faults at CPL 3), and the loop costs the emulator nothing it notices. Interrupts
+/// are off: the VMM enters us with IF clear, nothing sets it, and `cli` would fault at CPL 3.
 fn spin_forever() -> ! {
     loop {
-        // SAFETY: CLI only masks maskable interrupts, which this guest never handles anyway.
-        unsafe { asm!("cli", options(nomem, nostack)) }
         pause();
     }
+}
+
+/// The current privilege level (the RPL of CS).
+fn cpl() -> u16 {
+    let cs: u16;
+    // SAFETY: reading CS into a register has no effect; it is allowed at any privilege level.
+    unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) }
+    cs & 3
 }
 
 /// COM1, written by polling (no interrupts, no FIFO set-up: the VMM's 8250 needs none).
@@ -229,6 +248,24 @@ fn exit(status: u8) -> ! {
 
 fn reset() -> ! {
     print(b"nmvm-guest: exit reset\n");
+    if cpl() == 3 {
+        // The fallback below needs CPL 0: ask the core.
+        // SAFETY: a marked `ud2` is the service request the exception handler recognises; it
+        // never returns here (the core resets the VM), which `noreturn` states.
+        unsafe {
+            asm!(
+                "ud2",
+                in("rax") usermode::SERVICE_MAGIC,
+                in("rdi") usermode::SERVICE_RESET,
+                options(noreturn, nostack)
+            )
+        }
+    }
+    core_reset()
+}
+
+/// The core's reset: the i8042, then a triple fault.
+fn core_reset() -> ! {
     // SAFETY: pulsing the i8042 reset line asks the VMM to end (reset) the VM; no memory effect.
     unsafe { outb(I8042_CMD, I8042_PULSE_RESET) }
     // A VMM without an i8042 still has to stop on a triple fault.
@@ -333,6 +370,11 @@ struct Machine {
     /// The netmap region (`path=netmap`): base and length, 0 until mapped.
     region_base: u64,
     region_len: u64,
+    /// TSC at the first and the last [`Hw::mark`] (0: none yet).
+    first_mark: u64,
+    last_mark: u64,
+    /// `secs=` in ticks (0: no limit).
+    limit: u64,
 }
 
 impl Machine {
@@ -577,27 +619,35 @@ impl Hw for Machine {
     fn dma_area(&self) -> (u64, usize) {
         (self.dma_base, DMA_SIZE)
     }
+
+    fn mark(&mut self) {
+        self.last_mark = rdtsc();
+        if self.first_mark == 0 {
+            self.first_mark = self.last_mark;
+        }
+    }
+
+    fn expired(&mut self) -> bool {
+        self.limit != 0
+            && self.first_mark != 0
+            && rdtsc().wrapping_sub(self.first_mark) > self.limit
+    }
 }
 
-/// Runs a `net=` mode on `path` and ends the VM: status 0 after the counters line, 3 after a
-/// one-line reason.
-fn run_net(
-    bp: &BootParams<'_>,
-    mode: NetMode,
-    path: NetPath,
-    count: Option<u64>,
-    len: FrameLen,
-) -> ! {
+/// Runs a `net=` mode on `path` and ends the VM: status 0 after the rate and counters lines,
+/// 3 after a one-line reason. `dma_in_ram` is the core's check that DMA_AREA lies in e820
+/// RAM (the zero page is not the appliance's to read).
+fn run_net(config: &Config, dma_in_ram: bool) -> ! {
     let base = DMA_AREA.0.get() as usize as u64;
-    let in_ram = bp.e820().any(|e| {
-        e.kind == boot_params::E820_RAM && e.addr <= base && base + DMA_SIZE as u64 <= e.end()
-    });
-    if !in_ram {
+    if !dma_in_ram {
         print(b"nmvm-guest: virtio: DMA area not in e820 RAM at ");
         Serial.write_hex(base);
         print(b"\n");
         exit(NET_FAILURE);
     }
+    let Some(mode) = config.net else {
+        exit(NET_FAILURE)
+    };
     let tsc_hz = calibrate_tsc().unwrap_or_else(|| {
         print(b"nmvm-guest: PIT calibration failed, assuming a 2 GHz TSC\n");
         FALLBACK_TSC_HZ
@@ -607,13 +657,25 @@ fn run_net(
         dma_base: base,
         region_base: 0,
         region_len: 0,
+        first_mark: 0,
+        last_mark: 0,
+        limit: config
+            .secs
+            .map_or(0, |s| tsc_hz.saturating_mul(u64::from(s))),
     };
-    let result = match path {
-        NetPath::Virtio => net::run(&mut machine, mode, count, len),
-        NetPath::Netmap => netmap::run(&mut machine, mode, count, len),
+    let result = match config.path {
+        NetPath::Virtio => net::run(&mut machine, mode, config.count, config.len),
+        NetPath::Netmap => netmap::run(&mut machine, mode, config.count, config.len),
     };
     match result {
         Ok(counters) => {
+            let frames = match mode {
+                NetMode::Gen => counters.tx,
+                NetMode::Echo | NetMode::Sink => counters.rx,
+                NetMode::Hostile => 0,
+            };
+            let span = machine.last_mark.wrapping_sub(machine.first_mark);
+            write_rate(&mut Serial, frames, span, tsc_hz);
             net::write_counters(&mut Serial, mode, &counters);
             exit(0)
         }
@@ -622,6 +684,37 @@ fn run_net(
             exit(NET_FAILURE)
         }
     }
+}
+
+/// What the core hands the appliance.
+struct UserArgs {
+    config: Config,
+    dma_in_ram: bool,
+}
+
+/// The appliance: everything after the core's set-up, at CPL 3 (or at CPL 0 with
+/// `mode=kernel` and for the `fault=` modes).
+fn appliance(args: &UserArgs) -> ! {
+    let config = &args.config;
+    if config.wait_secs != 0 {
+        wait_seconds(config.wait_secs);
+    }
+    if config.net.is_some() {
+        run_net(config, args.dma_in_ram);
+    }
+    match config.exit {
+        Exit::Status(n) => exit(n),
+        Exit::Reset => reset(),
+    }
+}
+
+/// The appliance's entry at CPL 3: `args` points into the core's boot stack frame, which
+/// stays live (the core never returns) and lies in user pages.
+extern "C" fn user_main(args: *const UserArgs) -> ! {
+    // SAFETY: `enter_user_mode` passes a pointer to a live, initialised `UserArgs` that
+    // nothing writes any more.
+    let args = unsafe { &*args };
+    appliance(args)
 }
 
 extern "C" fn guest_main(zero_page_addr: u64) -> ! {
@@ -646,31 +739,274 @@ extern "C" fn guest_main(zero_page_addr: u64) -> ! {
             exit(2)
         }
     };
+    let base = DMA_AREA.0.get() as usize as u64;
+    let args = UserArgs {
+        config,
+        dma_in_ram: bp.e820().any(|e| {
+            e.kind == boot_params::E820_RAM && e.addr <= base && base + DMA_SIZE as u64 <= e.end()
+        }),
+    };
 
-    if config.wait_secs != 0 {
-        wait_seconds(config.wait_secs);
-    }
-
-    match config.fault {
-        Some(Fault::Panic) => {
-            print(b"Kernel panic - not syncing: nmvm-guest fault=panic\n");
-            spin_forever()
+    // The fault modes test the kernel-mode core, as before the split: stay at CPL 0.
+    if let Some(fault) = config.fault {
+        if config.wait_secs != 0 {
+            wait_seconds(config.wait_secs);
         }
-        Some(Fault::Triple) => triple_fault(),
-        Some(Fault::Sse) => {
-            sse_instruction();
-            print(b"nmvm-guest: the SSE instruction did not stop the VM\n");
+        match fault {
+            Fault::Panic => {
+                print(b"Kernel panic - not syncing: nmvm-guest fault=panic\n");
+                spin_forever()
+            }
+            Fault::Triple => triple_fault(),
+            Fault::Sse => {
+                sse_instruction();
+                print(b"nmvm-guest: the SSE instruction did not stop the VM\n");
+            }
         }
-        None => {}
+        match config.exit {
+            Exit::Status(n) => exit(n),
+            Exit::Reset => reset(),
+        }
     }
-
-    if let Some(mode) = config.net {
-        run_net(&bp, mode, config.path, config.count, config.len);
+    if config.mode == RunMode::Kernel {
+        appliance(&args)
     }
+    enter_user_mode(&args)
+}
 
-    match config.exit {
-        Exit::Status(n) => exit(n),
-        Exit::Reset => reset(),
+// ---- The kernel-mode core's tables and the drop to CPL 3 -------------------------------------
+
+/// Bytes of the stack exceptions run on (TSS `rsp0`).
+const EXCEPTION_STACK: usize = 16 * 1024;
+
+/// The core's tables, in the `.kdata` pages (see link.ld) that no user page maps.
+#[repr(C, align(4096))]
+struct KernelData {
+    pml4: [u64; 512],
+    pdpt: [u64; 512],
+    /// The first GiB (entry 0 is the page table below); the second and third stay absent.
+    pd0: [u64; 512],
+    /// The fourth GiB (the PCI hole), a constant.
+    pd3: [u64; 512],
+    /// The first 2 MiB in 4 KiB pages.
+    pt: [u64; 512],
+    idt: [[u64; 2]; VECTORS],
+    gdt: [u64; 7],
+    tss: [u8; TSS_BYTES],
+    stack: [u8; EXCEPTION_STACK],
+}
+
+struct KernelCell(UnsafeCell<KernelData>);
+
+// SAFETY: only the core touches it: once in `enter_user_mode` before the drop to CPL 3, on one
+// vCPU with interrupts off; the CPU reads it afterwards (tables, TSS, IDT), and the user pages
+// never map it.
+unsafe impl Sync for KernelCell {}
+
+#[link_section = ".kdata"]
+static KERNEL: KernelCell = KernelCell(UnsafeCell::new(KernelData {
+    pml4: [0; 512],
+    pdpt: [0; 512],
+    pd0: [0; 512],
+    pd3: usermode::pd3_table(),
+    pt: [0; 512],
+    idt: [[0; 2]; VECTORS],
+    gdt: usermode::GDT_TEMPLATE,
+    tss: usermode::tss_template(),
+    stack: [0; EXCEPTION_STACK],
+}));
+
+extern "C" {
+    static __image_start: u8;
+    static __kernel_start: u8;
+    static __kernel_end: u8;
+    static __image_end: u8;
+    static __user_stack_top: u8;
+    /// The 32 exception entry points (global_asm below).
+    static nmvm_exc_stubs: [u64; VECTORS];
+}
+
+/// The address of a linker-script symbol.
+macro_rules! sym_addr {
+    ($s:ident) => {
+        // Only the address of the linker symbol is taken; nothing is read through it.
+        core::ptr::addr_of!($s) as usize as u64
+    };
+}
+
+/// Loads a 10-byte descriptor-table register image with `lgdt` or `lidt`.
+fn table_register(base: u64, bytes: usize) -> [u16; 5] {
+    let limit = bytes.saturating_sub(1) as u16;
+    [
+        limit,
+        base as u16,
+        (base >> 16) as u16,
+        (base >> 32) as u16,
+        (base >> 48) as u16,
+    ]
+}
+
+/// Builds the core's tables, loads them and drops to CPL 3 in [`user_main`].
+fn enter_user_mode(args: &UserArgs) -> ! {
+    let layout = Layout {
+        image_start: sym_addr!(__image_start),
+        kernel_start: sym_addr!(__kernel_start),
+        kernel_end: sym_addr!(__kernel_end),
+        image_end: sym_addr!(__image_end),
+    };
+    if !layout.valid() {
+        print(b"nmvm-guest: image layout unusable for user mode, kernel end ");
+        Serial.write_hex(layout.kernel_end);
+        print(b"\n");
+        exit(usermode::EXCEPTION_STATUS)
+    }
+    let k = KERNEL.0.get();
+    // SAFETY: see `KernelCell`: this is the only reference to KERNEL, taken once, on one vCPU
+    // with interrupts off, before anything (the CPU included) uses the tables.
+    let k = unsafe { &mut *k };
+    let addr = |p: *const u64| p as usize as u64;
+    let pt = addr(k.pt.as_ptr());
+    layout.fill(&mut k.pt, &mut k.pd0, pt);
+    k.pdpt[0] = usermode::table_entry(addr(k.pd0.as_ptr()));
+    k.pdpt[3] = usermode::table_entry(addr(k.pd3.as_ptr()));
+    k.pml4[0] = usermode::table_entry(addr(k.pdpt.as_ptr()));
+
+    let stack_top = (k.stack.as_ptr() as usize as u64 + EXCEPTION_STACK as u64) & !15;
+    usermode::set_rsp0(&mut k.tss, stack_top);
+    let [lo, hi] = usermode::tss_descriptor(k.tss.as_ptr() as usize as u64, TSS_BYTES as u32 - 1);
+    k.gdt[5] = lo;
+    k.gdt[6] = hi;
+    // SAFETY: the stub table is a constant array in .rodata, emitted by the global_asm below.
+    let stubs = unsafe { &*core::ptr::addr_of!(nmvm_exc_stubs) };
+    for (gate, &stub) in k.idt.iter_mut().zip(stubs) {
+        *gate = usermode::idt_gate(stub);
+    }
+    let gdtr = table_register(addr(k.gdt.as_ptr()), core::mem::size_of_val(&k.gdt));
+    let idtr = table_register(
+        k.idt.as_ptr() as usize as u64,
+        core::mem::size_of_val(&k.idt),
+    );
+    let cr3 = addr(k.pml4.as_ptr());
+
+    // SAFETY: the GDT keeps a 64-bit kernel code segment at KERNEL_CODE, so the far return
+    // lands on the next instruction in the same mode; the data selectors are valid; the TSS
+    // descriptor names the TSS in KERNEL; the IDT's gates name the stubs below; the new page
+    // tables identity-map everything the core still uses (its image: code, stacks, KERNEL)
+    // as the boot tables did. The `iretq` frame enters `user_main` at CPL 3 on
+    // the user stack (user pages) with IF clear, with `args` (in the boot stack, user pages
+    // too, kept live because this never returns) in rdi.
+    unsafe {
+        asm!(
+            "lgdt [{gdtr}]",
+            "push {kcode}",
+            "lea rax, [rip + 2f]",
+            "push rax",
+            // retfq: REX.W far return, reloading CS from the new GDT.
+            ".byte 0x48, 0xcb",
+            "2:",
+            "mov eax, {kdata}",
+            "mov ss, eax",
+            "mov ds, eax",
+            "mov es, eax",
+            "xor eax, eax",
+            "mov fs, eax",
+            "mov gs, eax",
+            "mov eax, {tss}",
+            "ltr ax",
+            "lidt [{idtr}]",
+            "mov cr3, {cr3}",
+            "push {udata}",
+            "push {ustack}",
+            "push 2",
+            "push {ucode}",
+            "push {entry}",
+            "iretq",
+            gdtr = in(reg) gdtr.as_ptr(),
+            idtr = in(reg) idtr.as_ptr(),
+            cr3 = in(reg) cr3,
+            ustack = in(reg) sym_addr!(__user_stack_top),
+            entry = in(reg) user_main as usize as u64,
+            // Scratch (no outputs with `noreturn`): its value is not needed.
+            in("rax") 0u64,
+            kcode = const sel::KERNEL_CODE,
+            kdata = const sel::KERNEL_DATA,
+            tss = const sel::TSS,
+            udata = const sel::USER_DATA,
+            ucode = const sel::USER_CODE,
+            in("rdi") args as *const UserArgs,
+            options(noreturn)
+        )
+    }
+}
+
+// The exception entry points: each pushes a zero error code where the CPU pushes none, then its
+// vector, and joins the common path, which saves the registers a service request uses and
+// calls `exception_entry` with the frame: [rax, rdi, rsi, vector, error, rip, cs, rflags, rsp,
+// ss]. Nothing returns: the core either performs the service (which ends the VM) or reports
+// the exception and ends the VM.
+global_asm!(
+    r#".section .text.nmvm_exc, "ax", @progbits"#,
+    r".irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31",
+    r"nmvm_exc_\v:",
+    r"push 0",
+    r"push \v",
+    r"jmp nmvm_exc_common",
+    r".endr",
+    r".irp v, 8,10,11,12,13,14,17,21,29,30",
+    r"nmvm_exc_\v:",
+    r"push \v",
+    r"jmp nmvm_exc_common",
+    r".endr",
+    r"nmvm_exc_common:",
+    r"push rsi",
+    r"push rdi",
+    r"push rax",
+    r"mov rdi, rsp",
+    r"and rsp, -16",
+    r"call {entry}",
+    r"ud2",
+    r#".section .rodata.nmvm_exc, "a", @progbits"#,
+    r".balign 8",
+    r".global nmvm_exc_stubs",
+    r"nmvm_exc_stubs:",
+    r".irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    r".quad nmvm_exc_\v",
+    r".endr",
+    r".text",
+    entry = sym exception_entry,
+);
+
+/// The core's exception handler (CPL 0, on `rsp0` when the appliance was interrupted).
+extern "C" fn exception_entry(frame: *const [u64; 10]) -> ! {
+    // SAFETY: the common stub passes the address of the ten quadwords it and the CPU pushed.
+    let [rax, rdi, _rsi, vector, error, rip, cs, _rflags, _rsp, _ss] = unsafe { *frame };
+    let user_text = sym_addr!(__image_start)..sym_addr!(__kernel_start).saturating_sub(1);
+    let insn = if cs & 3 == 3 && user_text.contains(&rip) {
+        // SAFETY: rip lies in the image's text and rodata (checked), which is mapped and
+        // readable; two bytes at it and after it are inside the image.
+        unsafe {
+            let p = rip as usize as *const u8;
+            [p.read_volatile(), p.add(1).read_volatile()]
+        }
+    } else {
+        [0, 0]
+    };
+    match usermode::classify(vector, cs, rax, rdi, insn) {
+        Trap::Service(usermode::SERVICE_RESET) => core_reset(),
+        Trap::Service(_) | Trap::Fault => {
+            let cr2: u64;
+            // SAFETY: reading CR2 at CPL 0 has no effect.
+            unsafe { asm!("mov {0}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+            let report = ExceptionReport {
+                vector,
+                error,
+                rip,
+                cs,
+                cr2,
+            };
+            usermode::write_exception(&mut Serial, &report);
+            exit(usermode::EXCEPTION_STATUS)
+        }
     }
 }
 

@@ -71,6 +71,14 @@ pub trait Hw: Sink + PciConfig + Mmio + Dma {
     fn ticks_per_sec(&self) -> u64;
     /// The memory shared with the device: guest-physical base and length.
     fn dma_area(&self) -> (u64, usize);
+    /// Frames were counted (called once per batch, not per frame): a machine that reports
+    /// its rate notes the time of the first and the last call.
+    fn mark(&mut self) {}
+    /// Whether the mode's time limit (`secs=`, counted from the first [`Hw::mark`]) has
+    /// passed: the transmit and receive loops then end as if their count were reached.
+    fn expired(&mut self) -> bool {
+        false
+    }
 }
 
 /// Frame counters, printed at the end of every mode.
@@ -561,7 +569,7 @@ impl Dev {
         let limit = count.unwrap_or(u64::MAX);
         let mut sent = 0u64;
         let mut stall = Stall::new(hw, STALL_SECS);
-        while sent < limit {
+        while sent < limit && !hw.expired() {
             let mut progress = false;
             if self.tx.has_used(hw) {
                 self.reclaim_tx(hw, c)?;
@@ -586,6 +594,7 @@ impl Dev {
             self.kick_tx(hw);
             self.refill_rx(hw);
             if progress {
+                hw.mark();
                 stall.progress();
             } else if self.tx.num_free() == 0 && self.rx.has_used(hw) {
                 // Frames wait, but the device does not return transmit buffers.
@@ -608,9 +617,10 @@ impl Dev {
         c: &mut Counters,
     ) -> Result<(), Error> {
         let limit = count.unwrap_or(u64::MAX);
-        while c.rx < limit {
+        while c.rx < limit && !hw.expired() {
             if self.rx.has_used(hw) {
                 self.rx_verify(hw, c, limit)?;
+                hw.mark();
             } else {
                 hw.relax();
             }
@@ -631,10 +641,11 @@ impl Dev {
         let upto = usize::from(len.max);
         let mut seq = 0u64;
         let mut stall = Stall::new(hw, STALL_SECS);
-        while c.tx < count {
+        while c.tx < count && !hw.expired() {
             let mut progress = false;
             if self.tx.has_used(hw) {
                 self.reclaim_tx(hw, c)?;
+                hw.mark();
                 progress = true;
             }
             if self.rx.has_used(hw) {

@@ -910,8 +910,10 @@ impl Port {
         c: &mut Counters,
     ) -> Result<(), Error> {
         let limit = count.unwrap_or(u64::MAX);
-        while c.rx < limit {
-            if !self.rx_drain(hw, c, limit)? {
+        while c.rx < limit && !hw.expired() {
+            if self.rx_drain(hw, c, limit)? {
+                hw.mark();
+            } else {
                 hw.relax();
             }
         }
@@ -971,7 +973,7 @@ impl Port {
     ) -> Result<(), Error> {
         let limit = count.unwrap_or(u64::MAX);
         let mut stall = Stall::new(hw, STALL_SECS);
-        while c.tx < limit {
+        while c.tx < limit && !hw.expired() {
             self.tx.refresh(hw)?;
             self.rx.refresh(hw)?;
             let (mut progress, mut blocked) = (false, false);
@@ -1002,6 +1004,7 @@ impl Port {
             self.tx.publish(hw);
             self.rx.publish(hw);
             if progress {
+                hw.mark();
                 stall.progress();
             } else if blocked {
                 // Frames wait, but nmvm does not free transmit slots.
@@ -1068,7 +1071,7 @@ impl Port {
         let mut seq = 0u64;
         let mut stall = Stall::new(hw, STALL_SECS);
         let mut tail = self.tx.hwtail;
-        while seq < count {
+        while seq < count && !hw.expired() {
             let mut progress = self.rx_drain(hw, c, u64::MAX)?;
             let room = self.tx.refresh(hw)?;
             if self.tx.hwtail != tail {
@@ -1086,6 +1089,7 @@ impl Port {
                 }
                 self.tx.publish(hw);
                 c.tx += u64::from(k);
+                hw.mark();
                 progress = true;
             }
             if progress {
