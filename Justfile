@@ -104,3 +104,20 @@ bench-callgrind N="200000": build
     ir=$(awk '/^summary:/ {print $2}' "$out/cg.out")
     echo "device worker: $ir instructions for $frames frames of 64 bytes = $(( ir / frames )) instructions per frame"
     rm -rf "$out"
+
+# Every fuzz target (vmm/fuzz, cargo-fuzz on nightly) for SECS seconds each, from its committed seed corpus (new inputs go to a scratch corpus).
+fuzz SECS="60":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || { echo "fuzz needs cargo-fuzz: cargo install cargo-fuzz --locked"; exit 1; }
+    cd vmm
+    for t in $(cargo +nightly fuzz list); do
+        work=$(mktemp -d)
+        echo "== fuzz $t for {{SECS}} s"
+        rc=0
+        cargo +nightly fuzz run -O "$t" "$work" "fuzz/corpus/$t" -- \
+            -max_total_time={{SECS}} -print_final_stats=1 > "$work.log" 2>&1 || rc=$?
+        grep -E 'stat::number_of_executed_units|stat::average_exec_per_sec|ERROR|SUMMARY|panicked' "$work.log" || true
+        if [ "$rc" -ne 0 ]; then tail -40 "$work.log"; echo "fuzz $t: a finding (see vmm/fuzz/artifacts/$t)"; exit 1; fi
+        rm -rf "$work" "$work.log"
+    done

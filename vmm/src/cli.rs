@@ -339,6 +339,10 @@ pub struct RunArgs {
     /// patterns matched.
     #[arg(long, value_name = "FORMAT", value_parser = parse_report)]
     pub report: Option<ReportTarget>,
+    /// Debugging only: run without the per-thread seccomp filters (nmvm
+    /// prints a warning). Never use it with an untrusted guest or peer.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Where `--report` goes.

@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod monitor;
 pub mod pktgen;
 pub mod report;
+pub mod seccomp;
 pub mod verdict;
 pub mod vm;

@@ -130,6 +130,16 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
             passthrough: args.passthrough,
         }),
     };
+    if args.no_seccomp {
+        eprintln!(
+            "nmvm: WARNING: --no-seccomp: the VMM runs without its seccomp filters; \
+             for debugging only, never with an untrusted guest or netmap peer"
+        );
+    } else if let Err(e) = nmvm::seccomp::enable() {
+        eprintln!("nmvm: {}", error_chain(&e));
+        write_report(args.report.as_ref(), &Report::vmm_error(e.to_string()));
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
     match vm::run(&cfg) {
         Ok(outcome) => {
             report(&outcome, args.stats);

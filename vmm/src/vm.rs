@@ -31,6 +31,7 @@ use crate::hypervisor::Backend;
 use crate::hypervisor::{HypervisorError, Vcpu, VcpuExit, Vm};
 use crate::metrics;
 use crate::monitor::{ConsoleEvent, ConsoleMonitor};
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::verdict::StopReason;
 
 /// The bundled guest, built from `guest-images/guest` by the build script.
@@ -89,6 +90,9 @@ pub enum VmError {
     },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// A seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Which kernel to boot.
@@ -493,14 +497,20 @@ where
     }
 
     let _terminal = RawTerminal::enable();
-    console::forward_stdin(serial);
 
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nmvm-vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, &shared));
+            .spawn(move || {
+                // Set-up is done: from here on the vCPU serves the guest.
+                if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
+                    shared.control.request(StopReason::Vmm(e.to_string()));
+                    return;
+                }
+                vcpu_loop(vcpu, &shared)
+            });
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -509,6 +519,13 @@ where
             }
         }
     }
+    // The main thread only waits and reports from here on; the console
+    // input thread it starts next inherits its filter.
+    if let Err(e) = seccomp::install(ThreadKind::Main) {
+        stop_vcpus(&control, &threads);
+        return Err(e.into());
+    }
+    console::forward_stdin(serial);
 
     let reason = loop {
         match rx.recv_timeout(Duration::from_millis(20)) {

@@ -1171,4 +1171,57 @@ pub(crate) mod tests {
         assert_eq!(r.head(), 2);
         assert_eq!(r.stats().bad_buf_idx, 1);
     }
+
+    /// Property tests of the ring index arithmetic against a model in
+    /// plain modular arithmetic, for every ring size the ABI allows.
+    mod props {
+        use super::super::{next, prev, within};
+        use proptest::prelude::*;
+
+        /// Distance from `a` forward to `b` on a ring of `n`.
+        fn dist(a: u32, b: u32, n: u32) -> u64 {
+            (u64::from(b) + u64::from(n) - u64::from(a)) % u64::from(n)
+        }
+
+        fn ring() -> impl Strategy<Value = (u32, u32, u32, u32)> {
+            (1u32..=65536).prop_flat_map(|n| (Just(n), 0..n, 0..n, 0..n))
+        }
+
+        proptest! {
+            #[test]
+            fn next_and_prev_step_one_slot_and_undo_each_other((n, i, _, _) in ring()) {
+                prop_assert_eq!(u64::from(next(i, n)), (u64::from(i) + 1) % u64::from(n));
+                prop_assert_eq!(prev(next(i, n), n), i);
+                prop_assert_eq!(next(prev(i, n), n), i);
+                prop_assert!(next(i, n) < n && prev(i, n) < n);
+            }
+
+            #[test]
+            fn within_is_the_forward_interval((n, a, x, b) in ring()) {
+                prop_assert_eq!(within(a, x, b, n), dist(a, x, n) <= dist(a, b, n));
+                // Both ends are inside; an empty interval holds only `a`.
+                prop_assert!(within(a, a, b, n) && within(a, b, b, n));
+                prop_assert_eq!(within(a, x, a, n), x == a);
+            }
+
+            #[test]
+            fn within_refuses_positions_off_the_ring(
+                (n, a, _, b) in ring(),
+                off in 0u32..=u32::MAX,
+            ) {
+                let x = n.saturating_add(off);
+                prop_assert!(x < n || !within(a, x, b, n));
+            }
+
+            #[test]
+            fn walking_k_slots_stays_within_exactly_k_steps((n, a, _, b) in ring(), k in 0u32..70000) {
+                let mut i = a;
+                for _ in 0..k % n {
+                    i = next(i, n);
+                }
+                prop_assert_eq!(u64::from(i), (u64::from(a) + u64::from(k % n)) % u64::from(n));
+                prop_assert_eq!(within(a, i, b, n), u64::from(k % n) <= dist(a, b, n));
+            }
+        }
+    }
 }

@@ -1569,13 +1569,28 @@ impl Control {
         let shared = task.shared.clone();
         let thread = std::thread::Builder::new()
             .name("nmvm-shm-ctl".into())
-            .spawn(move || task.run())?;
+            .spawn(move || {
+                if let Some(hook) = CONTROL_START_HOOK.get() {
+                    hook();
+                }
+                task.run()
+            })?;
         Ok(Control {
             stop,
             shared,
             thread: Some(thread),
         })
     }
+}
+
+/// Run first by every pipe control thread: `nmvm run` installs the
+/// thread's seccomp filter here.
+static CONTROL_START_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the function every pipe control thread runs first (once per
+/// process; later calls are ignored and return false).
+pub fn set_control_start_hook(hook: fn()) -> bool {
+    CONTROL_START_HOOK.set(hook).is_ok()
 }
 
 impl Drop for Control {

@@ -404,7 +404,14 @@ impl VirtioDevice for Net {
         };
         let handle = std::thread::Builder::new()
             .name("nmvm-net".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if let Some(hook) = WORKER_START_HOOK.get() {
+                    hook();
+                }
+                #[cfg(feature = "hostile-peer")]
+                hostile_worker_syscall();
+                worker.run()
+            })
             .map_err(|e| format!("cannot start the device worker: {e}"))?;
         self.running = Some(Running {
             stopping,
@@ -432,6 +439,36 @@ impl VirtioDevice for Net {
 
     fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::Relaxed)
+    }
+}
+
+/// Run first by every device worker thread, before it touches guest
+/// memory or the port: `nmvm run` installs the worker's seccomp filter here.
+static WORKER_START_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the function every device worker thread runs first (once per
+/// process; later calls are ignored and return false).
+pub fn set_worker_start_hook(hook: fn()) -> bool {
+    WORKER_START_HOOK.set(hook).is_ok()
+}
+
+/// Testing only (`hostile-peer` feature, never in release builds): with
+/// `NMVM_TEST_WORKER_SYSCALL=socket` in the environment, the worker opens
+/// a socket, a system call its seccomp filter forbids, as a compromised
+/// worker would. Unfiltered, the socket is closed again and nothing
+/// happens.
+#[cfg(feature = "hostile-peer")]
+fn hostile_worker_syscall() {
+    if std::env::var_os("NMVM_TEST_WORKER_SYSCALL").is_some_and(|v| v == "socket") {
+        warn!("virtio-net: NMVM_TEST_WORKER_SYSCALL: the worker opens a socket");
+        // SAFETY: socket() has no memory-safety preconditions; a returned
+        // descriptor is owned here and closed at once.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd >= 0 {
+                libc::close(fd);
+            }
+        }
     }
 }
 

@@ -1398,4 +1398,139 @@ pub(crate) mod tests {
         q.set_used_ring_address(Some(0xfff0), Some(0));
         assert!(DeviceQueue::new(&ram, &q).is_err(), "used ring past RAM");
     }
+
+    /// The split queue as a state machine: random sequences of driver and
+    /// device steps against a model of what the device must have seen.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One driver or device step.
+        #[derive(Debug, Clone)]
+        enum Step {
+            /// The driver posts a chain of `len` descriptors (1..=3) whose
+            /// buffers are valid, or one naming `bad` as its head.
+            Post {
+                len: u16,
+            },
+            PostBadHead {
+                bad: u16,
+            },
+            /// The device handles up to `n` waiting entries.
+            Serve {
+                n: u8,
+            },
+            /// The device publishes what it returned.
+            Publish,
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                4 => (1u16..=3).prop_map(|len| Step::Post { len }),
+                1 => (16u16..=u16::MAX).prop_map(|bad| Step::PostBadHead { bad }),
+                3 => (1u8..=8).prop_map(|n| Step::Serve { n }),
+                2 => Just(Step::Publish),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn the_device_returns_every_posted_chain_once_in_order(
+                steps in proptest::collection::vec(step(), 1..200),
+                event_idx in any::<bool>(),
+            ) {
+                const SIZE: u16 = 16;
+                let mut f = fixture(SIZE, event_idx);
+                // Model: free descriptors, posted heads in order (with the
+                // chain length each should walk to), returned heads.
+                let mut free: Vec<u16> = (0..SIZE).rev().collect();
+                let mut posted = std::collections::VecDeque::new();
+                let mut returned = Vec::new();
+                let mut used = 0u16;
+                for s in steps {
+                    match s {
+                        Step::Post { len } => {
+                            if free.len() < usize::from(len) || posted.len() >= usize::from(SIZE) {
+                                continue;
+                            }
+                            let ids: Vec<u16> = (0..len).map(|_| free.pop().unwrap()).collect();
+                            for (k, &id) in ids.iter().enumerate() {
+                                let last = k + 1 == ids.len();
+                                let flags = if last { 0 } else { VIRTQ_DESC_F_NEXT };
+                                let next = if last { 0 } else { ids[k + 1] };
+                                f.desc(id, BUFS + u64::from(id) * 256, 100 + u32::from(id), flags, next);
+                            }
+                            let want: u32 = ids.iter().map(|&id| 100 + u32::from(id)).sum();
+                            posted.push_back((ids[0], Some((ids, want))));
+                            f.post(posted.back().unwrap().0);
+                        }
+                        Step::PostBadHead { bad } => {
+                            if posted.len() >= usize::from(SIZE) {
+                                continue;
+                            }
+                            posted.push_back((bad, None));
+                            f.post(bad);
+                        }
+                        Step::Serve { n } => {
+                            for _ in 0..n {
+                                let pending = f.dev.pending().unwrap();
+                                prop_assert_eq!(usize::from(pending), posted.len());
+                                if pending == 0 {
+                                    break;
+                                }
+                                let (head, chain) = posted.pop_front().unwrap();
+                                prop_assert_eq!(f.dev.pop().unwrap(), Some(head));
+                                let walked = f.dev.walk(&f.ram, head, false, &mut f.chain);
+                                match chain {
+                                    Some((ids, want)) => {
+                                        prop_assert_eq!(walked, Ok(want as usize));
+                                        prop_assert_eq!(f.chain.segs().len(), ids.len());
+                                        f.dev.push_used(head, want);
+                                        // The driver frees them when it sees them used.
+                                        returned.push((head, want, ids));
+                                    }
+                                    None => {
+                                        prop_assert_eq!(walked, Err(ChainError::BadHead));
+                                    }
+                                }
+                            }
+                        }
+                        Step::Publish => {
+                            let any = f.dev.publish_used();
+                            prop_assert_eq!(any, !returned.is_empty());
+                            // The driver sees exactly what was returned, in order.
+                            while used != f.drv.used_idx() {
+                                let (id, len) = f.drv.used_elem(used);
+                                let (head, want, ids) = returned.remove(0);
+                                prop_assert_eq!((id, len), (u32::from(head), want));
+                                free.extend(ids);
+                                used = used.wrapping_add(1);
+                            }
+                            prop_assert!(returned.is_empty());
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn an_impossible_avail_index_is_reported_not_followed(
+                jump in (17u16..=u16::MAX),
+                event_idx in any::<bool>(),
+            ) {
+                let mut f = fixture(16, event_idx);
+                f.drv.set_avail_idx(jump);
+                prop_assert_eq!(f.dev.pending(), Err(BadAvailIndex));
+                prop_assert_eq!(f.dev.pop(), Err(BadAvailIndex));
+                prop_assert_eq!(f.dev.next_avail(), 0);
+            }
+
+            #[test]
+            fn need_event_is_the_specs_window(event in any::<u16>(), old in any::<u16>(), step in 0u16..=1024) {
+                let new = old.wrapping_add(step);
+                // True iff `event` is in [old, new): the index moved past it.
+                let crossed = event.wrapping_sub(old) < new.wrapping_sub(old);
+                prop_assert_eq!(need_event(event, new, old), crossed);
+            }
+        }
+    }
 }
