@@ -11,17 +11,15 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
 
+use common::proc::Proc;
 use common::{nmvm, repo_root, require_kvm};
 
 /// The whole run's limit (nmvm's own --timeout is 120 s).
-const LIMIT: Duration = Duration::from_secs(150);
 /// The kernel command line every test starts from (see
 /// shared/reference/linux-on-emulated-kvm.md §3).
 const CMDLINE: &str = "console=ttyS0 noxsave clearcpuid=308,151 reboot=k panic=-1 rodata=off";
@@ -61,128 +59,6 @@ fn image() -> &'static (PathBuf, PathBuf) {
 fn pipe(test: &str) -> (String, String) {
     let base = format!("shm:lx{}{test}", std::process::id());
     (format!("{base}{{0"), format!("{base}}}0"))
-}
-
-/// Collects a child's output in the background, so that the test can look
-/// at it while the child runs, and the child never blocks on a full pipe.
-struct Collector {
-    text: Arc<Mutex<Vec<u8>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Collector {
-    fn new(mut from: impl Read + Send + 'static) -> Self {
-        let text = Arc::new(Mutex::new(Vec::new()));
-        let sink = text.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = from.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Self {
-            text,
-            thread: Some(thread),
-        }
-    }
-
-    fn now(&self) -> String {
-        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
-    }
-
-    /// Everything, once the writer has closed its end.
-    fn all(mut self) -> String {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.now()
-    }
-}
-
-/// A running process with its output being collected.
-struct Proc {
-    what: &'static str,
-    child: Child,
-    started: Instant,
-    stdout: Collector,
-    stderr: Collector,
-}
-
-/// What a finished process printed.
-struct Done {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Proc {
-    fn spawn(what: &'static str, cmd: &mut Command) -> Self {
-        let started = Instant::now();
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {what}: {e}"));
-        let out: ChildStdout = child.stdout.take().expect("piped stdout");
-        let err: ChildStderr = child.stderr.take().expect("piped stderr");
-        Self {
-            what,
-            child,
-            started,
-            stdout: Collector::new(out),
-            stderr: Collector::new(err),
-        }
-    }
-
-    /// Waits until stdout contains `needle`; returns the time since start.
-    fn wait_for(&mut self, needle: &str) -> Duration {
-        loop {
-            if self.stdout.now().contains(needle) {
-                return self.started.elapsed();
-            }
-            let exited = self.child.try_wait().expect("wait").is_some();
-            if exited || self.started.elapsed() > LIMIT {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "{} {} before printing {needle:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.what,
-                    if exited { "ended" } else { "timed out" },
-                    self.stdout.now(),
-                    self.stderr.now()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(mut self) -> Done {
-        while self.child.try_wait().expect("wait").is_none() {
-            if self.started.elapsed() > LIMIT {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "{} did not finish within {LIMIT:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.what,
-                    self.stdout.all(),
-                    self.stderr.all()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let status = self.child.wait().expect("wait");
-        Done {
-            code: status.code().unwrap_or(-1),
-            elapsed: self.started.elapsed(),
-            stdout: self.stdout.all(),
-            stderr: self.stderr.all(),
-        }
-    }
 }
 
 /// Boots the minimal kernel with the test's mode words on its command line.

@@ -15,160 +15,20 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::proc::{Done, Proc};
 use common::{nmvm, repo_root, scratch_dir};
 use nmvm_devices::netmap::{Port, PortOptions};
 
 /// Any one process's limit.
-const LIMIT: Duration = Duration::from_secs(150);
 /// The guest kernel's command line before the test's words.
 const CMDLINE: &str = "console=ttyS0 quiet panic=-1 ipv6.disable=1";
 
 // ------------------------------------------------------------ processes ---
-
-/// Collects a child's output in the background.
-struct Collector {
-    text: Arc<Mutex<Vec<u8>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Collector {
-    fn new(mut from: impl Read + Send + 'static) -> Self {
-        let text = Arc::new(Mutex::new(Vec::new()));
-        let sink = text.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = from.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Self {
-            text,
-            thread: Some(thread),
-        }
-    }
-
-    fn now(&self) -> String {
-        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
-    }
-
-    fn all(mut self) -> String {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.now()
-    }
-}
-
-/// A running process whose output is collected; killed if dropped.
-struct Proc {
-    what: String,
-    child: Option<Child>,
-    started: Instant,
-    stdout: Option<Collector>,
-    stderr: Option<Collector>,
-}
-
-/// What a finished process printed.
-struct Done {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Proc {
-    fn spawn(what: &str, cmd: &mut Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let out: ChildStdout = child.stdout.take().expect("piped stdout");
-        let err: ChildStderr = child.stderr.take().expect("piped stderr");
-        Self {
-            what: what.into(),
-            child: Some(child),
-            started: Instant::now(),
-            stdout: Some(Collector::new(out)),
-            stderr: Some(Collector::new(err)),
-        }
-    }
-
-    fn out(&self) -> String {
-        self.stdout.as_ref().map(Collector::now).unwrap_or_default()
-    }
-
-    fn err(&self) -> String {
-        self.stderr.as_ref().map(Collector::now).unwrap_or_default()
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.child.as_mut().expect("running")
-    }
-
-    /// Waits until stdout contains `needle`.
-    fn wait_for(&mut self, needle: &str) {
-        loop {
-            if self.out().contains(needle) {
-                return;
-            }
-            let exited = self.child().try_wait().expect("wait").is_some();
-            if exited || self.started.elapsed() > LIMIT {
-                panic!(
-                    "{} {} before printing {needle:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.what,
-                    if exited { "ended" } else { "timed out" },
-                    self.out(),
-                    self.err()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(mut self) -> Done {
-        let mut child = self.child.take().expect("running");
-        while child.try_wait().expect("wait").is_none() {
-            if self.started.elapsed() > LIMIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} did not finish within {LIMIT:?}\nstdout:\n{}\nstderr:\n{}",
-                    self.what,
-                    self.out(),
-                    self.err()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let status = child.wait().expect("wait");
-        Done {
-            code: status.code().unwrap_or(-1),
-            elapsed: self.started.elapsed(),
-            stdout: self.stdout.take().map(Collector::all).unwrap_or_default(),
-            stderr: self.stderr.take().map(Collector::all).unwrap_or_default(),
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 // ---------------------------------------------------------------- setup ---
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod proc;
 
 use std::io::Read;
 use std::path::PathBuf;

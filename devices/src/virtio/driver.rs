@@ -556,7 +556,7 @@ impl PassthroughDriver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::netmap::{Port, PortOptions};
     use crate::virtio::net::{Net, F_MRG_RXBUF, HDR_NUM_BUFFERS};
@@ -564,7 +564,8 @@ mod tests {
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestMemoryBackend};
 
-    fn pipe(name: &str) -> (String, String, PortOptions) {
+    /// Both ends of a test pipe `name`, in a private runtime directory.
+    pub(crate) fn pipe(name: &str) -> (String, String, PortOptions) {
         let dir = std::env::temp_dir().join(format!("nmvm-drv-{name}-{}", std::process::id()));
         let opts = PortOptions {
             run_dir: Some(dir),
@@ -573,7 +574,8 @@ mod tests {
         (format!("shm:{name}{{0"), format!("shm:{name}}}0"), opts)
     }
 
-    fn frame(seq: u32, len: usize) -> Vec<u8> {
+    /// A recognisable test frame: broadcast, seq in bytes 14..18, pattern.
+    pub(crate) fn frame(seq: u32, len: usize) -> Vec<u8> {
         let mut f = vec![0u8; len];
         f[0..6].fill(0xff);
         f[12..14].copy_from_slice(&[0x08, 0x00]);

@@ -463,31 +463,12 @@ impl Kloop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netmap::{PortOptions, Slot};
+    use crate::netmap::Slot;
+    use crate::virtio::driver::tests::{frame, pipe};
     use crate::virtio::driver::{PassthroughDriver, SyntheticDriver};
     use crate::virtio::net::Net;
     use crate::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
     use std::time::{Duration, Instant};
-
-    fn pipe(name: &str) -> (String, String, PortOptions) {
-        let dir = std::env::temp_dir().join(format!("nmvm-pt-{name}-{}", std::process::id()));
-        let opts = PortOptions {
-            run_dir: Some(dir),
-            ..PortOptions::default()
-        };
-        (format!("shm:{name}{{0"), format!("shm:{name}}}0"), opts)
-    }
-
-    fn frame(seq: u32, len: usize) -> Vec<u8> {
-        let mut f = vec![0u8; len];
-        f[0..6].fill(0xff);
-        f[12..14].copy_from_slice(&[0x08, 0x00]);
-        f[14..18].copy_from_slice(&seq.to_le_bytes());
-        for (i, b) in f.iter_mut().enumerate().skip(18) {
-            *b = (seq as u8).wrapping_add(i as u8);
-        }
-        f
-    }
 
     fn len_of(seq: u32) -> usize {
         60 + (seq as usize * 37) % 1455
