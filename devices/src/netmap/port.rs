@@ -247,6 +247,24 @@ impl Port {
         }
     }
 
+    /// Moderates the wake-ups this end gives a waiting peer (userspace
+    /// pipes; kernel ports wake their peers themselves): once `slots` were
+    /// moved or returned for it, or at the latest when this end prepares
+    /// to sleep ([`Port::prepare_wait`]) or calls [`Port::flush_kicks`].
+    /// 1, the default, wakes it at every sync.
+    pub fn set_kick_batch(&mut self, slots: u32) {
+        if let Backend::Shm(s) = &mut self.backend {
+            s.set_kick_batch(slots);
+        }
+    }
+
+    /// Delivers the wake-ups [`Port::set_kick_batch`] held back.
+    pub fn flush_kicks(&mut self) {
+        if let Backend::Shm(s) = &mut self.backend {
+            s.flush_kicks();
+        }
+    }
+
     /// Tx slots synced but not yet taken by the peer (userspace ports; 0
     /// for kernel ports, whose kernel keeps them).
     pub fn tx_pending_slots(&self) -> u32 {

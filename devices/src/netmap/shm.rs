@@ -560,6 +560,13 @@ pub(crate) struct ShmPort {
     rx_hwcur: u32,
     rx_hwtail: u32,
     spares_used: u32,
+    /// Kick moderation (see [`ShmPort::set_kick_batch`]): a peer that asked
+    /// for a kick gets it once this many slots were moved (tx) or returned
+    /// (rx) for it, or when we are about to sleep.
+    kick_batch: u32,
+    /// Slots moved to the peer / returned to it since its last kick.
+    owed_tx: u32,
+    owed_rx: u32,
     my_efd: OwnedFd,
     peer_efd: OwnedFd,
     pub(crate) stats: ShmStats,
@@ -732,6 +739,9 @@ impl ShmPort {
             rx_hwcur: 0,
             rx_hwtail: 0,
             spares_used: 0,
+            kick_batch: 1,
+            owed_tx: 0,
+            owed_rx: 0,
             my_efd,
             peer_efd,
             stats: ShmStats::default(),
@@ -1117,13 +1127,55 @@ impl ShmPort {
             self.my_tx.store_tail(self.tx_hwtail);
         }
         if j != self.fill {
+            self.owed_tx += (j + n - self.fill) % n;
             self.fill = j;
             self.word(tail_line(out)).store(j, Ordering::Release);
             fence(Ordering::SeqCst);
-            let kick = self.word(cons_kick_line(out));
-            if kick.load(Ordering::Relaxed) != 0 && kick.swap(0, Ordering::AcqRel) != 0 {
-                self.kick_peer();
-            }
+            self.kick_consumer(self.kick_batch);
+        }
+    }
+
+    /// Kicks the peer if it waits for frames and is owed at least `min`
+    /// slots. A peer that does not wait is owed nothing: it looks at the
+    /// ring again after it asks for a kick, and sees what is there.
+    fn kick_consumer(&mut self, min: u32) {
+        let kick = self.word(cons_kick_line(self.end.index()));
+        if kick.load(Ordering::Relaxed) == 0 {
+            self.owed_tx = 0;
+        } else if self.owed_tx >= min && kick.swap(0, Ordering::AcqRel) != 0 {
+            self.owed_tx = 0;
+            self.kick_peer();
+        }
+    }
+
+    /// Kicks the peer if it waits for room and is owed at least `min`
+    /// slots (see [`Self::kick_consumer`]).
+    fn kick_producer(&mut self, min: u32) {
+        let kick = self.word(prod_kick_line(1 - self.end.index()));
+        if kick.load(Ordering::Relaxed) == 0 {
+            self.owed_rx = 0;
+        } else if self.owed_rx >= min && kick.swap(0, Ordering::AcqRel) != 0 {
+            self.owed_rx = 0;
+            self.kick_peer();
+        }
+    }
+
+    /// Moderates kicks: a peer waiting for frames or room is woken once
+    /// `slots` were moved or returned for it, instead of at every sync; the
+    /// rest wait for [`Self::flush_kicks`], which every `prepare_wait*`
+    /// does before the caller sleeps. 1 (the default) kicks at every sync.
+    /// For a busy sender that shares a core with its peer, waking the peer
+    /// for every small batch costs more than the batch.
+    pub(crate) fn set_kick_batch(&mut self, slots: u32) {
+        self.kick_batch = slots.clamp(1, self.layout.num_slots / 2);
+    }
+
+    /// Delivers the kicks that moderation held back.
+    pub(crate) fn flush_kicks(&mut self) {
+        if self.owed_tx > 0 || self.owed_rx > 0 {
+            fence(Ordering::SeqCst);
+            self.kick_consumer(1);
+            self.kick_producer(1);
         }
     }
 
@@ -1152,6 +1204,7 @@ impl ShmPort {
                 self.my_rx.set_cur(head);
             }
             if head != self.rx_hwcur {
+                self.owed_rx += (head + n - self.rx_hwcur) % n;
                 self.rx_hwcur = head;
                 self.word(head_line(inn)).store(head, Ordering::Release);
                 released = true;
@@ -1175,10 +1228,7 @@ impl ShmPort {
         self.my_rx.store_tail(self.rx_hwtail);
         if released {
             fence(Ordering::SeqCst);
-            let kick = self.word(prod_kick_line(inn));
-            if kick.load(Ordering::Relaxed) != 0 && kick.swap(0, Ordering::AcqRel) != 0 {
-                self.kick_peer();
-            }
+            self.kick_producer(self.kick_batch);
         }
     }
 
@@ -1205,9 +1255,13 @@ impl ShmPort {
         }
     }
 
+    /// Syncs tx, and rx if `rx` or if our user consumed frames that the
+    /// peer has not been given back yet: a waiter that no longer wants
+    /// frames must still return the slots it used, or the peer waits for
+    /// room as long as we sleep.
     fn sync(&mut self, rx: bool) {
         self.txsync();
-        if rx {
+        if rx || self.my_rx.head() != self.rx_hwcur {
             self.rxsync();
         }
     }
@@ -1216,6 +1270,7 @@ impl ShmPort {
     /// and re-checks. True if something is ready now (do not sleep).
     pub(crate) fn prepare_wait(&mut self, rx: bool, tx: bool) -> bool {
         self.sync(rx);
+        self.flush_kicks();
         if self.ready(rx, tx) {
             return true;
         }
@@ -1236,6 +1291,7 @@ impl ShmPort {
     pub(crate) fn prepare_wait_drain(&mut self, rx: bool) -> bool {
         let drained = |p: &Self| p.tx_hwcur == p.my_tx.head();
         self.sync(rx);
+        self.flush_kicks();
         if drained(self) || self.ready(rx, false) {
             return true;
         }
@@ -2392,6 +2448,65 @@ mod tests {
         let l = pa.shm().unwrap().layout();
         assert_eq!(nifp as i64 + ofs0, l.ring_ofs[0] as i64);
         assert_eq!(nifp as i64 + ofs1, l.ring_ofs[1] as i64);
+    }
+
+    #[test]
+    fn moderated_kicks_wait_for_a_batch_or_for_the_sender_to_sleep() {
+        let (a, b) = pipe("km");
+        let mut pa = Port::open(&a, &opts()).unwrap();
+        let mut pb = Port::open(&b, &opts()).unwrap();
+        pa.set_kick_batch(4);
+        // SAFETY: `pa`'s mapping and validated layout; `pa` outlives `raw`.
+        let raw = unsafe { Raw::new(pa.region().0, pa.shm().unwrap().layout()) };
+        let consumer_asleep = || raw.word(cons_kick_line(0)).load(Ordering::SeqCst) == 1;
+        let send = |p: &mut Port, n: usize| {
+            for _ in 0..n {
+                assert!(p.tx_ring().send(b"frame"));
+            }
+            p.txsync().unwrap();
+        };
+        // B asks for a kick, as it does before sleeping.
+        assert!(!pb.prepare_wait(true, false).unwrap());
+        assert!(consumer_asleep());
+        send(&mut pa, 3);
+        assert_eq!(pa.stats().kicks_sent, 0, "3 frames are less than a batch");
+        assert!(consumer_asleep());
+        send(&mut pa, 1);
+        assert_eq!(
+            pa.stats().kicks_sent,
+            1,
+            "the 4th frame completes the batch"
+        );
+        assert!(!consumer_asleep());
+        // B looks, takes the 4 frames and asks again.
+        pb.ack_wakeup();
+        pb.rxsync().unwrap();
+        let mut buf = [0u8; 64];
+        for _ in 0..4 {
+            assert_eq!(pb.rx_ring().recv(&mut buf), Some(5));
+        }
+        assert!(!pb.prepare_wait(true, false).unwrap());
+        send(&mut pa, 2);
+        assert_eq!(pa.stats().kicks_sent, 1);
+        // The sender about to sleep owes B its 2 frames: they go now.
+        assert!(!pa.prepare_wait(false, false).unwrap());
+        assert_eq!(pa.stats().kicks_sent, 2);
+        // Nothing owed, nothing sent.
+        pa.flush_kicks();
+        assert_eq!(pa.stats().kicks_sent, 2);
+        // Returned slots are moderated the same way: B releases 2 of them
+        // to a sender waiting for room, then goes to sleep itself.
+        assert!(!pa.prepare_wait(false, false).unwrap());
+        pb.set_kick_batch(4);
+        pb.ack_wakeup();
+        pb.rxsync().unwrap();
+        assert_eq!(pb.rx_ring().recv(&mut buf), Some(5));
+        assert_eq!(pb.rx_ring().recv(&mut buf), Some(5));
+        raw.word(prod_kick_line(0)).store(1, Ordering::SeqCst);
+        pb.rxsync().unwrap();
+        assert_eq!(pb.stats().kicks_sent, 0, "2 slots are less than a batch");
+        assert!(!pb.prepare_wait(true, false).unwrap());
+        assert_eq!(pb.stats().kicks_sent, 1, "B sleeps: A gets its room now");
     }
 
     #[test]
