@@ -367,6 +367,30 @@ impl Kloop {
         moved(0, &self.tx) || moved(self.tx_rings, &self.rx)
     }
 
+    /// Whether the peer moved anything the guest waits for since the last
+    /// step: new frames in an rx ring, or (if `tx_blocked`) room in a tx
+    /// ring. Syncs the port to find out.
+    pub(crate) fn peer_moved(&self, port: &mut Port, tx_blocked: bool) -> bool {
+        if port.rxsync().is_err() {
+            return true;
+        }
+        if port
+            .rx_rings()
+            .iter()
+            .zip(&self.rx)
+            .any(|(r, s)| r.tail() != s.hwtail)
+        {
+            return true;
+        }
+        tx_blocked
+            && (port.txsync().is_err()
+                || port
+                    .tx_rings()
+                    .iter()
+                    .zip(&self.tx)
+                    .any(|(r, s)| r.tail() != s.hwtail))
+    }
+
     /// One round: hands the guest's published positions to the rings,
     /// syncs both directions and publishes the results.
     pub(crate) fn step(&mut self, port: &mut Port) -> Step {
