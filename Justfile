@@ -84,9 +84,13 @@ boot-metrics N="20": build
     echo "process start -> guest exited:                         $(median "${verdict[@]}") ms (median)"
     echo "VMM resident memory beyond guest RAM:                  $(median "${rss[@]}") KiB (median)"
 
-# The data-path benchmark: table, JSON and plot (vmm/bench/results.json, vmm/bench/mpps.svg).
+# The data-path benchmark with the DPDK race: table, JSON and plot (vmm/bench/results.json, vmm/bench/mpps.svg).
 bench: build
-    {{nmvm}} bench --json vmm/bench/results.json --plot vmm/bench/mpps.svg
+    {{nmvm}} bench --dpdk --json vmm/bench/results.json --plot vmm/bench/mpps.svg
+
+# The DPDK race alone (installs Debian's dpdk-dev if dpdk-testpmd is missing).
+bench-dpdk: build
+    {{nmvm}} bench --dpdk-only
 
 # The quick benchmark (64 and 1514 bytes; under a minute).
 bench-quick: build

@@ -28,6 +28,7 @@ use nmvm_devices::virtio::tap::{PacketSocket, Tap, TapNet};
 use nmvm_devices::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
 use serde::Serialize;
 
+use crate::dpdk::{Backend, RacePoint, RaceReport};
 use crate::frame::{self, Endpoints};
 use crate::pktgen::{self, Mode, PktGenOptions};
 use crate::vm::{self, ConsoleConfig, KernelChoice, NetSpec, VmConfig};
@@ -82,6 +83,46 @@ pub struct BenchReport {
     pub threads: &'static str,
     /// Every row.
     pub rows: Vec<Row>,
+    /// The race against DPDK (`--dpdk`), every run of it; its medians are
+    /// also rows (`vhost-dpdk`, `vhost-nmvm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpdk: Option<RaceReport>,
+}
+
+impl BenchReport {
+    /// A report without rows yet.
+    pub fn empty(seconds: f64, repeat: u32) -> BenchReport {
+        BenchReport {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            seconds,
+            repeat,
+            threads: "",
+            rows: Vec::new(),
+            dpdk: None,
+        }
+    }
+
+    /// Adds the race: a row per backend, direction and size (the median
+    /// run), and the race itself.
+    pub fn add_race(&mut self, race: RaceReport) {
+        for p in &race.points {
+            for (backend, runs) in [(Backend::Dpdk, &p.dpdk), (Backend::Nmvm, &p.nmvm)] {
+                let Some((m, lo, hi)) = RacePoint::median(runs) else {
+                    continue;
+                };
+                let mut r = row(backend.path(), p.dir.name(), p.size, 0, 1.0);
+                r.mpps = m.mpps;
+                r.gbps = m.mpps * 1e6 * p.size as f64 * 8.0 / 1e9;
+                r.frames = m.counts.received;
+                r.kicks_per_pkt = m.kicks_per_pkt;
+                r.irqs_per_pkt = m.irqs_per_pkt;
+                r.mpps_min = lo;
+                r.mpps_max = hi;
+                self.rows.push(r);
+            }
+        }
+        self.dpdk = Some(race);
+    }
 }
 
 fn unique_pipe(tag: &str, size: usize) -> (String, String) {
@@ -672,6 +713,7 @@ pub fn run(sizes: &[usize], dur: Duration, repeat: u32) -> std::io::Result<Bench
         repeat,
         threads: "unpinned on all cores: synthetic rows: synthetic driver, device worker and netmap peer each on its own thread; guest rows: the VM's vCPU thread (the guest polls at CPL 3), its device worker, and the pkt-gen peer",
         rows,
+        dpdk: None,
     })
 }
 
@@ -764,7 +806,34 @@ pub fn ratio_lines(r: &BenchReport) -> Vec<String> {
             lines.push(line);
         }
     }
+    if let Some(race) = &r.dpdk {
+        lines.extend(race_lines(race));
+    }
     lines
+}
+
+/// The race's summary: nmvm against DPDK's backend per direction and size.
+pub fn race_lines(race: &RaceReport) -> Vec<String> {
+    race.points
+        .iter()
+        .filter_map(|p| {
+            let (d, ..) = RacePoint::median(&p.dpdk)?;
+            let (n, ..) = RacePoint::median(&p.nmvm)?;
+            Some(format!(
+                "race {} {:>4} B: nmvm vhost-user {:.2} Mpps, DPDK vhost {:.2} Mpps: {:.2}x DPDK; {}",
+                p.dir.name(),
+                p.size,
+                n.mpps,
+                d.mpps,
+                p.ratio().unwrap_or(0.0),
+                if p.counts_agree() {
+                    "every run's counters agree"
+                } else {
+                    "COUNTERS DISAGREE (see the JSON)"
+                }
+            ))
+        })
+        .collect()
 }
 
 /// An SVG plot of Mpps against frame size for each path and direction.
@@ -780,6 +849,10 @@ pub fn svg(r: &BenchReport) -> String {
         ("guest-virtio", "rx", "guest virtio RX", "#bcbd22"),
         ("guest-netmap", "tx", "guest netmap TX", "#e377c2"),
         ("guest-netmap", "rx", "guest netmap RX", "#7f7f7f"),
+        ("vhost-nmvm", "tx", "vhost-user nmvm TX", "#000080"),
+        ("vhost-nmvm", "rx", "vhost-user nmvm RX", "#006400"),
+        ("vhost-dpdk", "tx", "vhost-user DPDK TX", "#b8860b"),
+        ("vhost-dpdk", "rx", "vhost-user DPDK RX", "#ff69b4"),
         ("tap", "tx", "tap TX", "#d62728"),
         ("tap", "rx", "tap RX", "#ff7f0e"),
     ];
@@ -930,6 +1003,7 @@ mod tests {
             repeat: 1,
             threads: "",
             rows: vec![row("nmvm", "tx", 64, 8_000_000, 1.0), r],
+            dpdk: None,
         };
         let t = table(&report);
         assert!(t.contains("exits/pkt"), "{t}");

@@ -45,6 +45,7 @@ pub enum Command {
     /// Measure the data path: the virtio-net device model and its netmap
     /// backend driven by a synthetic guest driver, against the copy limit
     /// (and the tap path) in the same run.
+    #[command(after_help = BENCH_HELP)]
     Bench(BenchArgs),
     /// Boot the bundled guest as an echo appliance on a userspace netmap
     /// pipe, send it real frames with pkt-gen, and report what came back.
@@ -101,10 +102,27 @@ pub struct VhostUserArgs {
     pub stats: bool,
 }
 
+const BENCH_HELP: &str = "\
+Rows: copy (the copy limit), nmvm and passthrough (the synthetic driver on
+the virtio path and on passed-through netmap rings), guest-virtio and
+guest-netmap (the bundled guest in a VM, its packet loop at CPL 3; needs
+/dev/kvm), tap (the tap path, needs CAP_NET_ADMIN), and with --dpdk
+vhost-dpdk and vhost-nmvm: DPDK's virtio_user driver (testpmd) against DPDK's
+own vhost-user backend and against `nmvm vhost-user` + a netmap pipe +
+pkt-gen, each side pinned to one core; every frame is accounted for on every
+side. The last lines are the ratios (nmvm against the copy limit, the tap
+path and DPDK).
+
+Examples:
+  nmvm bench --quick                       # under a minute
+  nmvm bench --json r.json --plot r.svg    # every size, medians of 3
+  nmvm bench --dpdk-only                   # the DPDK race alone (a few minutes)";
+
 const PKTGEN_HELP: &str = "\
 Frames are Ethernet/IPv4/UDP with a sequence number and a pattern in the
 payload, so the receiver can tell intact, corrupt, lost and reordered frames
-apart. Exit status: 0, or 1 if any received frame was corrupt or lost, or 255
+apart (--no-check: counted only, for frames from other generators and for
+benchmarks). Exit status: 0, or 1 if any received frame was corrupt or lost, or 255
 on an error (e.g. the port cannot be opened).
 
 Examples:
@@ -130,6 +148,15 @@ pub struct BenchArgs {
     /// Also draw Mpps against frame size as an SVG plot in FILE.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Also race DPDK: its virtio_user driver against DPDK's own vhost-user
+    /// backend and against `nmvm vhost-user` with pkt-gen behind a netmap
+    /// pipe, 64 and 1514 bytes, both directions, one core per side.
+    /// Installs Debian's dpdk-dev (as root) if dpdk-testpmd is missing.
+    #[arg(long)]
+    pub dpdk: bool,
+    /// Only the DPDK race (see --dpdk), none of the other rows.
+    #[arg(long)]
+    pub dpdk_only: bool,
     /// Only the device worker's TX path for COUNT 64-byte frames, for
     /// instruction counting under callgrind (see `just bench-callgrind`).
     #[arg(long, value_name = "COUNT")]
@@ -203,6 +230,11 @@ pub struct PktGenArgs {
     /// Stop receiving after this long without a frame (rx, ping, pong).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// Benchmark mode, like netmap's pkt-gen: tx writes only the MAC
+    /// addresses into each frame, rx counts frames without reading them.
+    /// Without it every frame is built and checked in full.
+    #[arg(long)]
+    pub no_check: bool,
 }
 
 fn parse_hdr_len(s: &str) -> Result<u32, String> {

@@ -9,6 +9,7 @@ pub mod boot;
 pub mod cli;
 pub mod console;
 pub mod demo;
+pub mod dpdk;
 pub mod frame;
 pub mod hypervisor;
 pub mod metrics;

@@ -175,13 +175,27 @@ fn bench(args: BenchArgs) -> ExitCode {
     } else {
         &nmvm::bench::SIZES
     };
-    let report = match nmvm::bench::run(sizes, dur, args.repeat) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("nmvm bench: {e}");
-            return ExitCode::from(EXIT_VMM_ERROR);
+    let mut report = if args.dpdk_only {
+        nmvm::bench::BenchReport::empty(secs, args.repeat)
+    } else {
+        match nmvm::bench::run(sizes, dur, args.repeat) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("nmvm bench: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
         }
     };
+    if args.dpdk || args.dpdk_only {
+        let race_secs = args.seconds.unwrap_or(if args.quick { 2.0 } else { 4.0 });
+        match race(race_secs, args.repeat) {
+            Ok(race) => report.add_race(race),
+            Err(e) => {
+                eprintln!("nmvm bench: the DPDK race: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR);
+            }
+        }
+    }
     print!("{}", nmvm::bench::table(&report));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report).unwrap_or_default();
@@ -194,10 +208,46 @@ fn bench(args: BenchArgs) -> ExitCode {
             eprintln!("nmvm bench: cannot write {}: {e}", path.display());
         }
     }
+    if let Some(race) = &report.dpdk {
+        println!("race: {}; {}", race.testpmd, race.pinning);
+        for dir in [nmvm::dpdk::Dir::Tx, nmvm::dpdk::Dir::Rx] {
+            for b in [nmvm::dpdk::Backend::Dpdk, nmvm::dpdk::Backend::Nmvm] {
+                println!("race {} {}: {}", b.path(), dir.name(), b.work(dir));
+            }
+        }
+    }
     for line in nmvm::bench::ratio_lines(&report) {
         println!("{line}");
     }
+    if report
+        .dpdk
+        .as_ref()
+        .is_some_and(|r| r.points.iter().any(|p| !p.counts_agree()))
+    {
+        eprintln!("nmvm bench: in the DPDK race, some run's counters disagree: frames were lost");
+        return ExitCode::from(1);
+    }
     ExitCode::SUCCESS
+}
+
+/// The DPDK race (`--dpdk`): testpmd found or installed, two cores, this
+/// binary for the nmvm side.
+fn race(seconds: f64, repeat: u32) -> Result<nmvm::dpdk::RaceReport, String> {
+    let testpmd = nmvm::dpdk::find_testpmd(true).map_err(|e| e.to_string())?;
+    let cores = nmvm::dpdk::pick_cores().map_err(|e| e.to_string())?;
+    let nmvm = std::env::current_exe()
+        .map_err(|e| format!("cannot find the nmvm binary to run its vhost-user side: {e}"))?;
+    let cfg = nmvm::dpdk::RaceConfig {
+        testpmd,
+        nmvm,
+        seconds,
+        cores,
+    };
+    eprintln!(
+        "nmvm bench: racing DPDK ({} runs of {seconds} s per point and backend)",
+        repeat
+    );
+    nmvm::dpdk::run(&cfg, &nmvm::dpdk::SIZES, repeat).map_err(|e| e.to_string())
 }
 
 fn demo(args: DemoArgs, started: Instant) -> ExitCode {
@@ -300,7 +350,7 @@ fn pkt_gen(args: PktGenArgs) -> ExitCode {
         idle_timeout: args.idle_timeout,
         verbose: true,
         vnet_hdr_len: args.vnet_hdr_len,
-        check: true,
+        check: !args.no_check,
     };
     let stop = pktgen::stop_on_signals();
     match pktgen::run(&opts, &stop) {

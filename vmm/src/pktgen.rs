@@ -96,6 +96,9 @@ pub struct PktGenReport {
     pub sent: u64,
     /// Bytes sent.
     pub sent_bytes: u64,
+    /// Of the frames sent, those still in the TX ring when pkt-gen
+    /// stopped: the peer never took them.
+    pub unsent: u64,
     /// Frames received.
     pub received: u64,
     /// Bytes received.
@@ -242,6 +245,12 @@ fn final_lines(opts: &PktGenOptions, r: &PktGenReport, p: &Printer) {
             0.0
         }
     ));
+    if r.unsent > 0 {
+        p.line(&format!(
+            "Unsent: {} of them were still in the TX ring at exit (the peer never took them)",
+            r.unsent
+        ));
+    }
     if matches!(opts.mode, Mode::Rx | Mode::Ping | Mode::Pong) {
         p.line(&format!(
             "Checked: {} intact, {} corrupt, {} out of order, {} lost",
@@ -362,6 +371,9 @@ impl Engine<'_> {
             self.port.txsync()?;
             self.port.wait_tx(Some(WAIT))?;
         }
+        // Learn how far the peer got (one slot per frame here).
+        self.port.txsync()?;
+        self.report.unsent = u64::from(self.port.tx_pending_slots());
         Ok(())
     }
 
