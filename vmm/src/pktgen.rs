@@ -315,6 +315,9 @@ impl Engine<'_> {
     fn fill_tx(&mut self, seq: u64, max: u64) -> u64 {
         let ep = self.opts.endpoints;
         let check = self.opts.check;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&ep.dst_mac);
+        macs[6..].copy_from_slice(&ep.src_mac);
         let (lo, hi) = self.opts.len;
         let tx = self.port.tx_ring();
         let mut i = tx.cur();
@@ -328,14 +331,15 @@ impl Engine<'_> {
                 break;
             }
             // A zeroed virtio-net header: no offloads requested.
-            buf[..hdr].fill(0);
+            if hdr > 0 {
+                buf[..hdr].fill(0);
+            }
             if check {
                 frame::build(&mut buf[hdr..], len, seq + k, &ep);
             } else {
                 // Benchmark peer: like netmap's pkt-gen, leave the payload
                 // as it is; only the Ethernet header is written.
-                buf[hdr..hdr + 6].copy_from_slice(&ep.dst_mac);
-                buf[hdr + 6..hdr + 12].copy_from_slice(&ep.src_mac);
+                buf[hdr..hdr + 12].copy_from_slice(&macs);
             }
             tx.set_len_flags(i, (hdr + len) as u16, 0);
             i = tx.next(i);
