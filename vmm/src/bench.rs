@@ -774,6 +774,7 @@ pub fn ratio_lines(r: &BenchReport) -> Vec<String> {
     let mut lines = Vec::new();
     let sizes: Vec<usize> = {
         let mut s: Vec<usize> = r.rows.iter().map(|x| x.size).collect();
+        s.sort_unstable();
         s.dedup();
         s
     };

@@ -306,13 +306,7 @@ impl Proc {
     }
 
     fn fail(&self, how: impl Into<String>) -> RaceError {
-        let out = self.output();
-        let lines: Vec<&str> = out.lines().collect();
-        RaceError::Process {
-            what: self.what.clone(),
-            how: how.into(),
-            tail: lines[lines.len().saturating_sub(15)..].join("\n"),
-        }
+        failed(&self.what, how, &self.output())
     }
 
     fn interrupt(&self) {
@@ -368,6 +362,16 @@ fn dpdk_runtime_dir() -> PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")
         .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
         .join("dpdk")
+}
+
+/// A process failure, with the last lines of what it printed.
+fn failed(what: &str, how: impl Into<String>, out: &str) -> RaceError {
+    let lines: Vec<&str> = out.lines().collect();
+    RaceError::Process {
+        what: what.to_string(),
+        how: how.into(),
+        tail: lines[lines.len().saturating_sub(15)..].join("\n"),
+    }
 }
 
 /// Runs the child on `core` only.
@@ -518,7 +522,7 @@ pub fn run_point(
     };
 
     // The driver.
-    let driver = Proc::testpmd(
+    let mut driver = Proc::testpmd(
         "the virtio_user driver (testpmd)",
         &cfg.testpmd,
         testpmd_args(
@@ -543,12 +547,9 @@ pub fn run_point(
     };
     let want = 1 + cfg.seconds.max(1.0).ceil() as usize;
     let deadline = Instant::now() + Duration::from_secs_f64(cfg.seconds.max(1.0) + 30.0);
-    let mut driver = Some(driver);
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let d = driver
-            .as_mut()
-            .expect("the driver runs until stopped below");
+        let d = &mut driver;
         if !d.running() {
             return Err(d.fail("ended early"));
         }
@@ -572,17 +573,17 @@ pub fn run_point(
     // The sender stops first, the receiver drains, then the rest.
     let (driver_out, backend_out, pktgen_out) = match (dir, backend) {
         (Dir::Tx, Backend::Dpdk) => {
-            let d = take(&mut driver).stop(stop_limit)?;
+            let d = driver.stop(stop_limit)?;
             std::thread::sleep(Duration::from_millis(300));
             (d, backend_proc.stop(stop_limit)?, None)
         }
         (Dir::Rx, Backend::Dpdk) => {
             let b = backend_proc.stop(stop_limit)?;
             std::thread::sleep(Duration::from_millis(300));
-            (take(&mut driver).stop(stop_limit)?, b, None)
+            (driver.stop(stop_limit)?, b, None)
         }
         (Dir::Tx, Backend::Nmvm) => {
-            let d = take(&mut driver).stop(stop_limit)?;
+            let d = driver.stop(stop_limit)?;
             // nmvm ends after its one connection, having handed every frame
             // to the pipe; pkt-gen then takes what is left in it.
             let b = backend_proc.wait(stop_limit)?;
@@ -593,21 +594,13 @@ pub fn run_point(
         (Dir::Rx, Backend::Nmvm) => {
             let p = pktgen.map(|p| p.stop(stop_limit)).transpose()?;
             std::thread::sleep(Duration::from_millis(300));
-            let d = take(&mut driver).stop(stop_limit)?;
+            let d = driver.stop(stop_limit)?;
             (d, backend_proc.wait(stop_limit)?, p)
         }
     };
 
-    let parse_err = |what: &str, how: &str, out: &str| {
-        let lines: Vec<&str> = out.lines().collect();
-        RaceError::Process {
-            what: what.to_string(),
-            how: how.to_string(),
-            tail: lines[lines.len().saturating_sub(15)..].join("\n"),
-        }
-    };
     let drv = parse_testpmd(&driver_out).ok_or_else(|| {
-        parse_err(
+        failed(
             "the driver's testpmd",
             "printed no final counters",
             &driver_out,
@@ -621,7 +614,7 @@ pub fn run_point(
     let (counts, kicks, irqs) = match backend {
         Backend::Dpdk => {
             let be = parse_testpmd(&backend_out).ok_or_else(|| {
-                parse_err(
+                failed(
                     "DPDK's vhost backend",
                     "printed no final counters",
                     &backend_out,
@@ -645,7 +638,7 @@ pub fn run_point(
         }
         Backend::Nmvm => {
             let dev = parse_device_stats(&backend_out).ok_or_else(|| {
-                parse_err(
+                failed(
                     "nmvm vhost-user",
                     "printed no device counters",
                     &backend_out,
@@ -653,7 +646,7 @@ pub fn run_point(
             })?;
             let pg_out = pktgen_out.unwrap_or_default();
             let pg = parse_pktgen(&pg_out)
-                .ok_or_else(|| parse_err("nmvm pkt-gen", "printed no final line", &pg_out))?;
+                .ok_or_else(|| failed("nmvm pkt-gen", "printed no final line", &pg_out))?;
             let moved = match dir {
                 Dir::Tx => dev.tx_frames,
                 Dir::Rx => dev.rx_frames,
@@ -686,10 +679,6 @@ pub fn run_point(
         kicks_per_pkt: kicks,
         irqs_per_pkt: irqs,
     })
-}
-
-fn take(p: &mut Option<Proc>) -> Proc {
-    p.take().expect("the driver process is taken once")
 }
 
 /// The median of `n` per-second figures once traffic flows: leading zeros
