@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::net::{finish, pipe, pktgen, vm_with};
+use common::net::{both, finish, pipe, pktgen, spawn, vm_with};
 use common::{nmvm, read_until, require_kvm, run_with_deadline, text};
 
 /// The `Seccomp:` mode of every thread of `pid`, by thread name.
@@ -51,6 +51,51 @@ fn every_thread_of_a_running_vm_is_filtered() {
             "thread {name} is not in seccomp filter mode: {modes:?}"
         );
     }
+}
+
+/// Every open descriptor of `pid` (a number or `self`) beyond
+/// stdin/out/err whose flags lack O_CLOEXEC, with what it is.
+fn inheritable_fds(pid: &str) -> Vec<String> {
+    let mut bad = Vec::new();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("read /proc/PID/fdinfo");
+    for fd in fds.flatten() {
+        let n: u32 = fd.file_name().to_string_lossy().parse().unwrap_or(0);
+        if n <= 2 {
+            continue;
+        }
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok());
+        // A descriptor closed meanwhile has no fdinfo any more.
+        if flags.is_some_and(|f| f & libc::O_CLOEXEC as u32 == 0) {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{n}"))
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            bad.push(format!("fd {n} ({target})"));
+        }
+    }
+    bad
+}
+
+#[test]
+fn no_descriptor_of_a_running_vm_would_survive_an_exec() {
+    require_kvm();
+    let (guest_end, _host_end) = pipe("cloexec");
+    let mut vm = vm_with(&guest_end, &[], "wait=4");
+    let (ready, seen) = read_until(&mut vm, Duration::from_secs(60), |s| {
+        s.contains("nmvm-guest: waiting")
+    });
+    assert!(ready, "the guest never said it was waiting:\n{seen}");
+    let mut bad = inheritable_fds(&vm.id().to_string());
+    let out = finish(vm, "nmvm run");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    // What the test itself hands down (cargo's jobserver pipe, say) is not
+    // nmvm's doing.
+    let inherited = inheritable_fds("self");
+    bad.retain(|fd| !inherited.contains(fd));
+    assert!(bad.is_empty(), "descriptors nmvm opened without O_CLOEXEC: {bad:?}");
 }
 
 #[test]
@@ -119,4 +164,80 @@ fn no_seccomp_warns_and_runs_unfiltered() {
         e.contains("nmvm: WARNING: --no-seccomp: the VMM runs without its seccomp filters"),
         "{e}"
     );
+}
+
+/// Runs the VMM and pkt-gen with no privilege beyond /dev/kvm and the
+/// port: as root, through util-linux's `setpriv` as user `nobody` (65534)
+/// with only the group that owns /dev/kvm; as anyone else, as that user.
+#[test]
+fn an_unprivileged_user_runs_a_vm_with_only_kvm_and_the_port() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_kvm();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let kvm_gid = std::fs::metadata("/dev/kvm").expect("stat /dev/kvm").gid();
+    // A copy of the binary anyone may run (the checkout may be private),
+    // and a runtime directory anyone may create the pipe's files in.
+    let dir = std::env::temp_dir().join(format!("nmvm-unpriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let bin = dir.join("nmvm");
+    std::fs::copy(env!("CARGO_BIN_EXE_nmvm"), &bin).expect("copy nmvm");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let run_dir = dir.join("run");
+    let command = || {
+        let mut c = if root {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534"])
+                .arg(format!("--groups={kvm_gid}"))
+                .arg("--")
+                .arg(&bin);
+            c
+        } else {
+            std::process::Command::new(&bin)
+        };
+        c.env("NMVM_RUN_DIR", &run_dir);
+        c
+    };
+    let (guest_end, host_end) = pipe("unpriv");
+    let vm = spawn(
+        command()
+            .args(["run", "--stats", "--timeout", "100s", "--net", &guest_end])
+            .args(["--cmdline", "net=echo count=200"]),
+    );
+    // setpriv execs nmvm in its own process: once that process runs our
+    // copy of nmvm, its real and effective user ids are the VMM's.
+    let (pid, start) = (vm.id(), Instant::now());
+    let mut uids = None;
+    while uids.is_none() && start.elapsed() < Duration::from_secs(10) {
+        if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == bin) {
+            uids = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|u| u.split_whitespace().take(2).collect::<Vec<_>>().join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pg = spawn(
+        command()
+            .args(["pkt-gen", "-i", &host_end, "--idle-timeout", "60s"])
+            .args(["-f", "ping", "-n", "200", "-l", "60", "-l", "1514"]),
+    );
+    let ((vm_status, _, vm_err), (pg_status, pg_out, pg_err)) = both(vm, pg);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(vm_status, 0, "nmvm run as an unprivileged user:\n{vm_err}");
+    assert_eq!(pg_status, 0, "pkt-gen:\n{pg_out}\n{pg_err}");
+    assert!(
+        format!("{pg_out}{pg_err}").contains("200 intact"),
+        "not every frame came back:\n{pg_out}\n{pg_err}"
+    );
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let me = unsafe { libc::getuid() };
+    let want = if root {
+        "65534 65534".to_string()
+    } else {
+        format!("{me} {me}")
+    };
+    assert_eq!(uids, Some(want), "the VMM's real and effective user ids");
 }

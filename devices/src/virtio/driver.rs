@@ -307,14 +307,14 @@ impl SyntheticDriver {
         let total = (2 * per + 0x10_0000) as usize;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), total)])
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let rx_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let tx_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let rx_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
+        let tx_kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
         Ok(Self {
             rx: DriverQueue::new(&mem, 0x1000, size, rx_kick)?,
             tx: DriverQueue::new(&mem, 0x1000 + per, size, tx_kick)?,
             mem,
             interrupt: Arc::new(DriverInterrupt {
-                evt: EventFd::new(libc::EFD_NONBLOCK)?,
+                evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
                 counts: Default::default(),
             }),
         })

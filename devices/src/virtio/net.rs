@@ -367,7 +367,9 @@ impl VirtioDevice for Net {
         let ram = GuestRam::new(&a.mem)?;
         let rxq = DeviceQueue::new(&ram, rxq).map_err(|e| format!("receive queue: {e}"))?;
         let txq = DeviceQueue::new(&ram, txq).map_err(|e| format!("transmit queue: {e}"))?;
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        let stop = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| e.to_string())?,
+        );
         let stopping = Arc::new(AtomicBool::new(false));
         let port = self.port.take().ok_or("the device is already running")?;
         self.acked.store(a.features, Ordering::Relaxed);

@@ -162,7 +162,9 @@ impl VirtioPci {
         let mut kicks = Vec::new();
         let mut queues = Vec::new();
         for &max in &sizes {
-            kicks.push(Arc::new(EventFd::new(libc::EFD_NONBLOCK)?));
+            kicks.push(Arc::new(EventFd::new(
+                libc::EFD_NONBLOCK | libc::EFD_CLOEXEC,
+            )?));
             queues.push(Queue::new(max).map_err(|e| std::io::Error::other(e.to_string()))?);
         }
         let interrupt = Arc::new(PciInterrupt {

@@ -470,7 +470,9 @@ impl VirtioDevice for TapNet {
         let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
             return Err("virtio-net needs two queues".into());
         };
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        let stop = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| e.to_string())?,
+        );
         let tap = self.tap.take().ok_or("the tap is lost")?;
         let stop_flag = Arc::new(AtomicBool::new(false));
         self.acked.store(a.features, Ordering::Relaxed);

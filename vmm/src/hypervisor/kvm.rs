@@ -193,9 +193,11 @@ impl super::Vm for KvmVm {
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn Interrupt>> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::Call {
-            op: "eventfd",
-            source: e,
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| {
+            HypervisorError::Call {
+                op: "eventfd",
+                source: e,
+            }
         })?;
         self.vm
             .register_irqfd(&evt, gsi)
@@ -206,9 +208,11 @@ impl super::Vm for KvmVm {
     fn msi_vectors(&self, count: usize) -> Result<Vec<Arc<dyn MsiVector>>> {
         let mut vectors: Vec<Arc<dyn MsiVector>> = Vec::with_capacity(count);
         for _ in 0..count {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::Call {
-                op: "eventfd",
-                source: e,
+            let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| {
+                HypervisorError::Call {
+                    op: "eventfd",
+                    source: e,
+                }
             })?;
             vectors.push(Arc::new(KvmMsiVector {
                 routing: self.routing.clone(),
