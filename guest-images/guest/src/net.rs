@@ -397,8 +397,9 @@ impl Dev {
             if let Some(slot) = self.rx_buf.get_mut(usize::from(d)) {
                 *slot = b;
             }
-            self.rx.publish(hw, d);
+            self.rx.push(hw, d);
         }
+        // Publishes the lot (one index write) and notifies if needed.
         self.kick_rx(hw);
     }
 
@@ -535,7 +536,8 @@ impl Dev {
                 *busy = true;
             }
         }
-        self.tx.publish(hw, d);
+        // Published by the caller's next `kick_tx`.
+        self.tx.push(hw, d);
         Ok(())
     }
 

@@ -60,6 +60,9 @@ pub struct SplitQueue {
     event_idx: bool,
     /// Next available index to publish (the driver's shadow of `avail.idx`).
     next_avail: u16,
+    /// `avail.idx` as last written: entries from here to `next_avail` are
+    /// pushed but not yet published.
+    published: u16,
     /// `next_avail` when the device was last considered for a notification.
     kicked: u16,
     /// Next used index to consume.
@@ -82,6 +85,7 @@ impl SplitQueue {
             rings,
             event_idx,
             next_avail: 0,
+            published: 0,
             kicked: 0,
             last_used: 0,
             free: [0; MAX_SIZE as usize],
@@ -118,6 +122,7 @@ impl SplitQueue {
             }
         }
         self.next_avail = 0;
+        self.published = 0;
         self.kicked = 0;
         self.last_used = 0;
         self.reset_free_list();
@@ -223,25 +228,44 @@ impl SplitQueue {
     /// compiler barrier that also orders the buffer's contents) the index. x86 keeps stores
     /// in order, so no fence instruction is needed.
     pub fn publish(&mut self, dma: &mut impl Dma, head: u16) {
+        self.push(dma, head);
+        self.publish_avail(dma);
+    }
+
+    /// Puts the chain starting at `head` in the avail ring without moving
+    /// the index: the device sees it at the next [`SplitQueue::publish_avail`]
+    /// (or [`SplitQueue::kick_needed`]). A polling device reads the index's
+    /// cache line once per batch then, not once per chain.
+    pub fn push(&mut self, dma: &mut impl Dma, head: u16) {
         let slot = self.rings.avail + 4 + 2 * u64::from(self.next_avail & (self.size - 1));
         dma.dma_write16(slot, head);
         self.next_avail = self.next_avail.wrapping_add(1);
-        compiler_fence(Ordering::SeqCst);
-        dma.dma_write16(self.rings.avail + 2, self.next_avail);
+    }
+
+    /// Publishes every chain pushed so far: ring entries first, then (after
+    /// a compiler barrier that also orders the buffers' contents) the
+    /// index. x86 keeps stores in order, so no fence instruction is needed.
+    pub fn publish_avail(&mut self, dma: &mut impl Dma) {
+        if self.published != self.next_avail {
+            compiler_fence(Ordering::SeqCst);
+            dma.dma_write16(self.rings.avail + 2, self.next_avail);
+            self.published = self.next_avail;
+        }
     }
 
     /// Moves `avail.idx` by `n` without ring entries (the hostile test's "index jump").
     pub fn jump_avail_idx(&mut self, dma: &mut impl Dma, n: u16) {
         self.next_avail = self.next_avail.wrapping_add(n);
-        compiler_fence(Ordering::SeqCst);
-        dma.dma_write16(self.rings.avail + 2, self.next_avail);
+        self.publish_avail(dma);
     }
 
-    /// Whether the device must be notified of what was published since the last call:
+    /// Publishes what was pushed, then says whether the device must be
+    /// notified of what was published since the last call:
     /// with EVENT_IDX when `avail_event` lies among the new entries, otherwise unless the
     /// device set `VRING_USED_F_NO_NOTIFY`. Needs a full barrier between the index store and
     /// the load of the device's wish.
     pub fn kick_needed(&mut self, dma: &mut impl Dma) -> bool {
+        self.publish_avail(dma);
         let (old, new) = (self.kicked, self.next_avail);
         self.kicked = new;
         if old == new {
