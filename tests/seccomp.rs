@@ -95,7 +95,10 @@ fn no_descriptor_of_a_running_vm_would_survive_an_exec() {
     // nmvm's doing.
     let inherited = inheritable_fds("self");
     bad.retain(|fd| !inherited.contains(fd));
-    assert!(bad.is_empty(), "descriptors nmvm opened without O_CLOEXEC: {bad:?}");
+    assert!(
+        bad.is_empty(),
+        "descriptors nmvm opened without O_CLOEXEC: {bad:?}"
+    );
 }
 
 #[test]

@@ -28,6 +28,7 @@ use nmvm_devices::virtio::tap::{PacketSocket, Tap, TapNet};
 use nmvm_devices::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
 use serde::Serialize;
 
+use crate::affinity;
 use crate::dpdk::{Backend, RacePoint, RaceReport};
 use crate::frame::{self, Endpoints};
 use crate::pktgen::{self, Mode, PktGenOptions};
@@ -238,7 +239,21 @@ fn peer(
     size: usize,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Option<pktgen::PktGenReport>> {
+    peer_on(port, mode, size, stop, None)
+}
+
+/// [`peer`], on `core` if given.
+fn peer_on(
+    port: String,
+    mode: Mode,
+    size: usize,
+    stop: Arc<AtomicBool>,
+    core: Option<usize>,
+) -> std::thread::JoinHandle<Option<pktgen::PktGenReport>> {
     std::thread::spawn(move || {
+        if let Some(c) = core {
+            affinity::pin(0, c);
+        }
         let opts = PktGenOptions {
             port,
             mode,
@@ -596,17 +611,35 @@ pub fn guest_row(
             passthrough: path == GuestPath::Netmap,
         }),
     };
+    // Pinned (with two cores): the vCPU alone on the second core, the
+    // device worker and the pkt-gen peer on the first, as in the DPDK race.
+    // Unpinned, the three busy threads land where the scheduler puts them
+    // and the rate varies several-fold between runs.
+    let cores = affinity::two_cores();
     let stop = Arc::new(AtomicBool::new(false));
-    let peer = peer(
+    let peer = peer_on(
         peer_end,
         if dir == "tx" { Mode::Rx } else { Mode::Tx },
         size,
         stop.clone(),
+        cores.map(|c| c.0),
     );
-    let outcome = std::thread::Builder::new()
+    let vm = std::thread::Builder::new()
         .name("nmvm-bench-vm".into())
-        .spawn(move || vm::run(&cfg))
-        .map_err(|e| GuestError::Failed(format!("cannot start the VM thread: {e}")))?
+        .spawn(move || {
+            // The vCPU thread inherits this; the worker is moved below.
+            if let Some((_, guest)) = cores {
+                affinity::pin(0, guest);
+            }
+            vm::run(&cfg)
+        })
+        .map_err(|e| GuestError::Failed(format!("cannot start the VM thread: {e}")))?;
+    if let Some((worker, _)) = cores {
+        if !affinity::pin_named("nmvm-net", worker, Duration::from_secs(30)) {
+            eprintln!("nmvm bench: could not pin the device worker; this row runs unpinned");
+        }
+    }
+    let outcome = vm
         .join()
         .map_err(|_| GuestError::Failed("the VM thread panicked".into()))?
         .map_err(|e| GuestError::Failed(e.to_string()))?;
@@ -711,7 +744,7 @@ pub fn run(sizes: &[usize], dur: Duration, repeat: u32) -> std::io::Result<Bench
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         seconds: dur.as_secs_f64(),
         repeat,
-        threads: "unpinned on all cores: synthetic rows: synthetic driver, device worker and netmap peer each on its own thread; guest rows: the VM's vCPU thread (the guest polls at CPL 3), its device worker, and the pkt-gen peer",
+        threads: "synthetic rows, unpinned: synthetic driver, device worker and netmap peer each on its own thread; guest rows, pinned: the VM's vCPU thread (the guest polls at CPL 3) alone on the second core, its device worker and the pkt-gen peer on the first",
         rows,
         dpdk: None,
     })

@@ -237,21 +237,8 @@ fn which(name: &str) -> Option<PathBuf> {
 
 /// The first two cores this process may run on: (backend side, driver).
 pub fn pick_cores() -> Result<(usize, usize), RaceError> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set, and
-    // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
-    let cores: Vec<usize> = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Err(RaceError::Cores(0));
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    };
-    match cores[..] {
-        [a, b, ..] => Ok((a, b)),
-        _ => Err(RaceError::Cores(cores.len())),
-    }
+    crate::affinity::two_cores()
+        .ok_or_else(|| RaceError::Cores(crate::affinity::allowed_cores().len()))
 }
 
 /// A child process that is killed if the run is abandoned, with its output
@@ -377,17 +364,16 @@ fn failed(what: &str, how: impl Into<String>, out: &str) -> RaceError {
 /// Runs the child on `core` only.
 fn pin_to(cmd: &mut Command, core: usize) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only
+    // SAFETY: the closure runs in the forked child before exec; `pin` only
     // fills a stack cpu_set_t and makes one system call, both
-    // async-signal-safe; it touches no lock or allocation of the parent.
+    // async-signal-safe, and touches no lock or allocation of the parent.
     unsafe {
         cmd.pre_exec(move || {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(core, &mut set);
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                return Err(std::io::Error::last_os_error());
+            if crate::affinity::pin(0, core) {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
             }
-            Ok(())
         });
     }
 }

@@ -4,6 +4,7 @@
 //! The binary `nmvm` is a thin command line over this library: [`vm::run`]
 //! boots a guest and returns how its run ended.
 
+pub mod affinity;
 pub mod bench;
 pub mod boot;
 pub mod cli;
