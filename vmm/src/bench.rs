@@ -854,12 +854,13 @@ pub fn race_lines(race: &RaceReport) -> Vec<String> {
             let (d, ..) = RacePoint::median(&p.dpdk)?;
             let (n, ..) = RacePoint::median(&p.nmvm)?;
             Some(format!(
-                "race {} {:>4} B: nmvm vhost-user {:.2} Mpps, DPDK vhost {:.2} Mpps: {:.2}x DPDK; {}",
+                "race {} {:>4} B: nmvm vhost-user {:.2} Mpps, DPDK vhost {:.2} Mpps: {:.2}x DPDK, best runs {:.2}x DPDK; {}",
                 p.dir.name(),
                 p.size,
                 n.mpps,
                 d.mpps,
                 p.ratio().unwrap_or(0.0),
+                p.best_ratio().unwrap_or(0.0),
                 if p.counts_agree() {
                     "every run's counters agree"
                 } else {

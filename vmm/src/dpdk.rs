@@ -854,6 +854,15 @@ impl RacePoint {
         (d > 0.0).then_some(n / d)
     }
 
+    /// nmvm's best run over DPDK's best run: on a machine whose speed
+    /// swings for seconds at a time, what each backend does when nothing
+    /// interferes.
+    pub fn best_ratio(&self) -> Option<f64> {
+        let d = Self::median(&self.dpdk)?.2;
+        let n = Self::median(&self.nmvm)?.2;
+        (d > 0.0).then_some(n / d)
+    }
+
     /// Every nmvm run accounted for every frame. (DPDK's own pair is not
     /// held to it: its vhost backend counts a few dozen to a few hundred
     /// frames per run as sent that its driver never receives; the JSON
