@@ -151,7 +151,8 @@ pub struct Counts {
     /// Frames the receiving side counted (testpmd RX-packets, or pkt-gen's
     /// received frames).
     pub received: u64,
-    /// Frames the nmvm device dropped as malformed (must be 0).
+    /// Frames the nmvm device dropped as malformed or left unsent when the
+    /// connection ended (must be 0).
     pub device_dropped: u64,
 }
 
