@@ -100,6 +100,10 @@ pub struct VhostUserArgs {
     /// Print the device's counters when each connection ends.
     #[arg(long)]
     pub stats: bool,
+    /// Debugging only: run without the seccomp filters (nmvm prints a
+    /// warning). Never use it with an untrusted frontend or netmap peer.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 const BENCH_HELP: &str = "\
@@ -172,6 +176,10 @@ pub struct DemoArgs {
     /// Frames in flight at once.
     #[arg(short = 'b', long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=200))]
     pub window: u32,
+    /// Debugging only: run without the seccomp filters (nmvm prints a
+    /// warning).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Options of `nmvm pkt-gen` (netmap pkt-gen's letters).
@@ -235,6 +243,10 @@ pub struct PktGenArgs {
     /// Without it every frame is built and checked in full.
     #[arg(long)]
     pub no_check: bool,
+    /// Debugging only: run without the seccomp filters (nmvm prints a
+    /// warning). Never use it with an untrusted peer.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 fn parse_hdr_len(s: &str) -> Result<u32, String> {

@@ -60,7 +60,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Turns the seccomp filters on (each thread installs its own once its
+/// set-up is done), or says loudly that `--no-seccomp` leaves them off.
+fn sandbox(no_seccomp: bool) -> Result<(), nmvm::seccomp::SeccompError> {
+    if no_seccomp {
+        eprintln!(
+            "nmvm: WARNING: --no-seccomp: running without the seccomp filters; \
+             for debugging only, never with an untrusted guest, frontend or netmap peer"
+        );
+        return Ok(());
+    }
+    nmvm::seccomp::enable().inspect_err(|e| eprintln!("nmvm: {}", error_chain(e)))
+}
+
 fn vhost_user(args: nmvm::cli::VhostUserArgs) -> ExitCode {
+    if sandbox(args.no_seccomp).is_err() {
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
     let opts = vhost_user::Options {
         socket: args.socket,
         port: args.net,
@@ -130,13 +146,7 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
             passthrough: args.passthrough,
         }),
     };
-    if args.no_seccomp {
-        eprintln!(
-            "nmvm: WARNING: --no-seccomp: the VMM runs without its seccomp filters; \
-             for debugging only, never with an untrusted guest or netmap peer"
-        );
-    } else if let Err(e) = nmvm::seccomp::enable() {
-        eprintln!("nmvm: {}", error_chain(&e));
+    if let Err(e) = sandbox(args.no_seccomp) {
         write_report(args.report.as_ref(), &Report::vmm_error(e.to_string()));
         return ExitCode::from(EXIT_VMM_ERROR);
     }
@@ -251,6 +261,9 @@ fn race(seconds: f64, repeat: u32) -> Result<nmvm::dpdk::RaceReport, String> {
 }
 
 fn demo(args: DemoArgs, started: Instant) -> ExitCode {
+    if sandbox(args.no_seccomp).is_err() {
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
     println!(
         "nmvm demo: booting the bundled guest as an echo appliance on a userspace netmap pipe,"
     );
@@ -352,6 +365,9 @@ fn pkt_gen(args: PktGenArgs) -> ExitCode {
         vnet_hdr_len: args.vnet_hdr_len,
         check: !args.no_check,
     };
+    if sandbox(args.no_seccomp).is_err() {
+        return ExitCode::from(EXIT_VMM_ERROR);
+    }
     let stop = pktgen::stop_on_signals();
     match pktgen::run(&opts, &stop) {
         Ok(r) if r.corrupt > 0 || r.lost > 0 => ExitCode::from(1),

@@ -87,6 +87,9 @@ pub enum PktGenError {
         #[source]
         source: Box<NetmapError>,
     },
+    /// The traffic loop could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// What a pkt-gen run did.
@@ -174,6 +177,8 @@ pub fn run(opts: &PktGenOptions, stop: &AtomicBool) -> Result<PktGenReport, PktG
         ..PortOptions::default()
     };
     let mut port = Port::open(&opts.port, &port_opts).map_err(port_err)?;
+    // Set-up is done: from here on the peer's rings are untrusted input.
+    crate::seccomp::install(crate::seccomp::ThreadKind::PktGen)?;
     let hdr = port.virtio_net_hdr_len() as usize;
     let printer = Printer {
         start: Instant::now(),

@@ -1,4 +1,5 @@
-//! Seccomp filters for `nmvm run`, one allow-list per kind of thread.
+//! Seccomp filters for `nmvm run`, `nmvm vhost-user`, `nmvm pkt-gen` and
+//! `nmvm demo`, one allow-list per kind of thread.
 //!
 //! Each thread installs its own filter once its set-up is done, right before
 //! it starts serving the guest (vCPU threads), the port (the device worker,
@@ -19,9 +20,11 @@
 //! threads (`CLONE_THREAD`), and `clone3`, whose flags a filter cannot see,
 //! fails with ENOSYS so that the C library falls back to `clone`.
 //!
-//! Filters are opt-in per process: only [`enable`] (called by `nmvm run`
-//! unless `--no-seccomp`) turns [`install`] on, so library users (the
-//! tests, `nmvm bench`, `nmvm demo`, `nmvm vhost-user`) run unfiltered.
+//! Filters are opt-in per process: only [`enable`] (called by `nmvm run`,
+//! `vhost-user`, `pkt-gen` and `demo` unless `--no-seccomp`) turns
+//! [`install`] on, so library users (the unit tests, `nmvm bench`, which
+//! starts its vhost-user and pkt-gen peers as confined processes) run
+//! unfiltered.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -49,7 +52,23 @@ pub enum ThreadKind {
     /// The control thread of a userspace netmap pipe (`shm:`): accepts the
     /// peer on a Unix socket and hands it the shared memory.
     ShmControl = 4,
+    /// `nmvm vhost-user`'s protocol thread: accepts frontends, maps their
+    /// memory, starts and stops the device worker.
+    VhostUser = 5,
+    /// pkt-gen's traffic loop (the `nmvm pkt-gen` process, or the demo's
+    /// main thread).
+    PktGen = 6,
 }
+
+/// Every kind, for building all filters up front.
+const ALL_KINDS: [ThreadKind; 6] = [
+    ThreadKind::Vcpu,
+    ThreadKind::DeviceWorker,
+    ThreadKind::Main,
+    ThreadKind::ShmControl,
+    ThreadKind::VhostUser,
+    ThreadKind::PktGen,
+];
 
 impl ThreadKind {
     /// A name for log lines.
@@ -59,18 +78,13 @@ impl ThreadKind {
             ThreadKind::DeviceWorker => "device worker",
             ThreadKind::Main => "main/console",
             ThreadKind::ShmControl => "netmap shm control",
+            ThreadKind::VhostUser => "vhost-user",
+            ThreadKind::PktGen => "pkt-gen",
         }
     }
 
     fn from_u8(v: u8) -> Option<Self> {
-        [
-            ThreadKind::Vcpu,
-            ThreadKind::DeviceWorker,
-            ThreadKind::Main,
-            ThreadKind::ShmControl,
-        ]
-        .into_iter()
-        .find(|k| *k as u8 == v)
+        ALL_KINDS.into_iter().find(|k| *k as u8 == v)
     }
 }
 
@@ -115,12 +129,7 @@ thread_local! {
 pub fn enable() -> Result<(), SeccompError> {
     // Build every filter once up front: a bad rule is a start-up error, not
     // a surprise in a running thread.
-    for kind in [
-        ThreadKind::Vcpu,
-        ThreadKind::DeviceWorker,
-        ThreadKind::Main,
-        ThreadKind::ShmControl,
-    ] {
+    for kind in ALL_KINDS {
         filters(kind)?;
     }
     // SAFETY: an all-zero sigaction is a valid value that is filled in
@@ -355,6 +364,37 @@ const SHM_CONTROL: &[i64] = &[
     libc::SYS_unlink,
 ];
 
+/// `nmvm vhost-user`'s protocol thread (beyond [`COMMON`], [`WORKER`] and
+/// thread start-up, as it starts the device worker): frontend connections
+/// and their messages with descriptors, checking that a descriptor is an
+/// eventfd (`readlink` of /proc/self/fd) and a memory file's size before
+/// mapping it, the worker's stop eventfd, the socket's removal at the end.
+const VHOST_USER: &[i64] = &[
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_eventfd2,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_readlink,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_statx,
+    libc::SYS_unlink,
+];
+
+/// pkt-gen's traffic loop: waiting on the port's eventfds (or the netmap
+/// descriptor), closing the port at the end.
+const PKT_GEN: &[i64] = &[
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+];
+
 fn rules(kind: ThreadKind) -> BackendResult<Rules> {
     let mut r = Rules::new();
     let mut plain = |list: &[i64]| {
@@ -363,7 +403,10 @@ fn rules(kind: ThreadKind) -> BackendResult<Rules> {
         }
     };
     plain(COMMON);
-    let spawns_threads = matches!(kind, ThreadKind::Vcpu | ThreadKind::Main);
+    let spawns_threads = matches!(
+        kind,
+        ThreadKind::Vcpu | ThreadKind::Main | ThreadKind::VhostUser
+    );
     match kind {
         ThreadKind::Vcpu => {
             plain(WORKER);
@@ -371,6 +414,12 @@ fn rules(kind: ThreadKind) -> BackendResult<Rules> {
             plain(THREAD_START);
         }
         ThreadKind::DeviceWorker => plain(WORKER),
+        ThreadKind::VhostUser => {
+            plain(WORKER);
+            plain(VHOST_USER);
+            plain(THREAD_START);
+        }
+        ThreadKind::PktGen => plain(PKT_GEN),
         ThreadKind::Main => {
             plain(MAIN);
             plain(THREAD_START);
@@ -400,7 +449,9 @@ fn rules(kind: ThreadKind) -> BackendResult<Rules> {
             req::NIOCTXSYNC,
             req::NIOCRXSYNC,
         ],
-        ThreadKind::DeviceWorker => &[req::NIOCTXSYNC, req::NIOCRXSYNC],
+        ThreadKind::DeviceWorker | ThreadKind::PktGen => &[req::NIOCTXSYNC, req::NIOCRXSYNC],
+        // Blocking mode for an accepted connection; the worker's syncs.
+        ThreadKind::VhostUser => &[req::FIONBIO, req::NIOCTXSYNC, req::NIOCRXSYNC],
         // Dropping the VM unregisters irqfds; the terminal is restored.
         ThreadKind::Main => &[req::KVM_IRQFD, req::TCSETS, req::TCGETS],
         ThreadKind::ShmControl => &[req::FIONBIO],
@@ -484,6 +535,12 @@ fn syscall_name(nr: i64) -> &'static str {
         (libc::SYS_recvmsg, "recvmsg"),
         (libc::SYS_memfd_create, "memfd_create"),
         (libc::SYS_getrandom, "getrandom"),
+        (libc::SYS_readlink, "readlink"),
+        (libc::SYS_accept4, "accept4"),
+        (libc::SYS_recvfrom, "recvfrom"),
+        (libc::SYS_sendto, "sendto"),
+        (libc::SYS_setsockopt, "setsockopt"),
+        (libc::SYS_fstat, "fstat"),
     ];
     NAMES
         .iter()
@@ -555,7 +612,7 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
     line.push_num(nr.max(0) as u64);
     line.push(b" (");
     line.push(syscall_name(i64::from(nr)).as_bytes());
-    line.push(b"); stopping the VMM\n");
+    line.push(b"); stopping nmvm\n");
     // SAFETY: write and _exit are async-signal-safe; the buffer is valid
     // for `len` bytes.
     unsafe {
@@ -570,12 +627,8 @@ mod tests {
 
     #[test]
     fn every_filter_builds() {
-        for kind in [
-            ThreadKind::Vcpu,
-            ThreadKind::DeviceWorker,
-            ThreadKind::Main,
-            ThreadKind::ShmControl,
-        ] {
+        for kind in ALL_KINDS {
+            assert_eq!(ThreadKind::from_u8(kind as u8), Some(kind));
             let (allow, no_clone3) = filters(kind).expect("filter");
             assert!(!allow.is_empty() && !no_clone3.is_empty());
         }
@@ -604,6 +657,38 @@ mod tests {
         }
         // mmap is allowed only under the no-PROT_EXEC condition.
         assert_eq!(worker[&libc::SYS_mmap].len(), 1);
+    }
+
+    #[test]
+    fn the_peer_facing_processes_cannot_open_files_or_sockets_or_execute() {
+        for kind in [ThreadKind::VhostUser, ThreadKind::PktGen] {
+            let allowed = rules(kind).expect("rules");
+            for nr in [
+                libc::SYS_openat,
+                libc::SYS_open,
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_execve,
+                libc::SYS_memfd_create,
+                libc::SYS_ptrace,
+            ] {
+                assert!(
+                    !allowed.contains_key(&nr),
+                    "{}: {}",
+                    kind.name(),
+                    syscall_name(nr)
+                );
+            }
+            assert_eq!(allowed[&libc::SYS_mmap].len(), 1, "{}", kind.name());
+        }
+        // pkt-gen starts no threads; vhost-user only threads.
+        assert!(!rules(ThreadKind::PktGen)
+            .expect("rules")
+            .contains_key(&libc::SYS_clone));
+        assert_eq!(
+            rules(ThreadKind::VhostUser).expect("rules")[&libc::SYS_clone].len(),
+            1
+        );
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub enum VhostUserError {
     /// The socket's path is taken by something that is not a socket.
     #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
     PathTaken(PathBuf),
+    /// The protocol thread could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] nmvm::seccomp::SeccompError),
 }
 
 /// A frontend request the backend refuses. Reported (with the request's
@@ -913,6 +916,8 @@ pub fn serve(opts: &Options, stop: &AtomicBool) -> Result<Served, VhostUserError
     })?;
     let backend = Arc::new(Mutex::new(Backend::new(Net::new(UNUSED_MAC, port))));
     let listener = listen(&opts.socket)?;
+    // Set-up is done: from here on the thread serves untrusted frontends.
+    nmvm::seccomp::install(nmvm::seccomp::ThreadKind::VhostUser)?;
     info!(
         "vhost-user: listening on {} (features offered {:#x})",
         opts.socket.display(),
