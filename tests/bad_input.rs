@@ -169,6 +169,14 @@ fn malformed_size() {
 }
 
 #[test]
+fn pipe_slots_out_of_range() {
+    fails_with(
+        nmvm().args(["pkt-gen", "-i", "shm:x{0", "--pipe-slots", "2"]),
+        "--pipe-slots",
+    );
+}
+
+#[test]
 fn unknown_option() {
     fails_with(nmvm().args(["run", "--bogus"]), "--bogus");
 }

@@ -69,6 +69,32 @@ fn guest_generates_exactly_n_frames() {
 }
 
 #[test]
+fn pkt_gen_creates_a_pipe_with_the_ring_size_asked_for() {
+    let (creator, attacher) = pipe("slots");
+    let rx = pktgen(&creator, &["-f", "rx", "-n", "5000", "--pipe-slots", "64"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let tx = pktgen(
+        &attacher,
+        &["-f", "tx", "-n", "5000", "-l", "60", "-l", "1514"],
+    );
+    let tx = finish(tx, "pkt-gen tx");
+    let rx = finish(rx, "pkt-gen rx");
+    let (te, re) = (text(&tx).1, text(&rx).1);
+    assert_eq!(
+        (tx.status.code(), rx.status.code()),
+        (Some(0), Some(0)),
+        "tx:\n{te}\nrx:\n{re}"
+    );
+    // The attaching end takes the creator's ring size.
+    assert!(te.contains("64 slots per ring"), "{te}");
+    assert!(re.contains("64 slots per ring"), "{re}");
+    assert!(
+        re.contains("Checked: 5000 intact, 0 corrupt, 0 out of order, 0 lost"),
+        "{re}"
+    );
+}
+
+#[test]
 fn guest_sink_counts_exactly_what_pktgen_sent() {
     let (guest_end, host_end) = pipe("sink");
     let vm = vm(&guest_end, "net=sink count=700");

@@ -94,6 +94,11 @@ pub struct VhostUserArgs {
     /// offloads, which pass through to the peer.
     #[arg(long)]
     pub vnet_hdr: bool,
+    /// Slots per ring of a userspace pipe, if this end opens it first
+    /// (the end that comes second takes the first one's size). Smaller
+    /// rings keep fewer buffers in flight; larger ones absorb longer bursts.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..=32768))]
+    pub pipe_slots: u32,
     /// Exit after serving N connections (default: serve until stopped).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub connections: Option<u64>,
@@ -235,6 +240,11 @@ pub struct PktGenArgs {
     /// header and received headers are skipped.
     #[arg(short = 'H', long = "vnet-hdr", value_name = "LEN", value_parser = parse_hdr_len)]
     pub vnet_hdr_len: Option<u32>,
+    /// Slots per ring of a userspace pipe, if this end opens it first
+    /// (the end that comes second takes the first one's size). Smaller
+    /// rings keep fewer buffers in flight; larger ones absorb longer bursts.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..=32768))]
+    pub pipe_slots: u32,
     /// Stop receiving after this long without a frame (rx, ping, pong).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,

@@ -72,6 +72,7 @@ pub fn run(frames: u64, window: usize, started: Instant) -> Result<DemoReport, S
         verbose: false,
         vnet_hdr_len: None,
         check: true,
+        ..PktGenOptions::default()
     };
     let traffic = pktgen::run(&opts, &AtomicBool::new(false)).map_err(|e| e.to_string());
     let vm = vm_thread

@@ -52,6 +52,8 @@ pub struct PktGenOptions {
     /// virtio-net header length to create the port with (userspace pipes)
     /// or to set (VALE); `None` takes what the port has.
     pub vnet_hdr_len: Option<u32>,
+    /// Slots per ring of a userspace pipe, if pkt-gen opens it first.
+    pub pipe_slots: u32,
     /// Verify every received frame (off only for benchmarks).
     pub check: bool,
 }
@@ -70,6 +72,7 @@ impl Default for PktGenOptions {
             idle_timeout: None,
             verbose: true,
             vnet_hdr_len: None,
+            pipe_slots: PortOptions::default().num_slots,
             check: true,
         }
     }
@@ -174,6 +177,7 @@ pub fn run(opts: &PktGenOptions, stop: &AtomicBool) -> Result<PktGenReport, PktG
     };
     let port_opts = PortOptions {
         vnet_hdr_len: opts.vnet_hdr_len,
+        num_slots: opts.pipe_slots,
         ..PortOptions::default()
     };
     let mut port = Port::open(&opts.port, &port_opts).map_err(port_err)?;
@@ -191,6 +195,13 @@ pub fn run(opts: &PktGenOptions, stop: &AtomicBool) -> Result<PktGenReport, PktG
     printer.line(&format!(
         "{verb} {}: 1 queues, 1 threads and 1 cpus.",
         opts.port
+    ));
+    let ring = port.rx_ring();
+    printer.line(&format!(
+        "{}: {} slots per ring, {}-byte buffers.",
+        opts.port,
+        ring.num_slots(),
+        ring.buf_size()
     ));
     if !opts.wait_link.is_zero() {
         printer.line(&format!(

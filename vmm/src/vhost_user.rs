@@ -84,6 +84,8 @@ pub struct Options {
     /// Create the userspace pipe with a 12-byte virtio-net header, which
     /// makes the device offer checksum and TSO offloads.
     pub vnet_hdr: bool,
+    /// Slots per ring of a userspace pipe, if the backend opens it first.
+    pub pipe_slots: u32,
     /// Stop after serving this many connections (`None`: until a signal).
     pub connections: Option<u64>,
     /// Print the device's counters after each connection.
@@ -908,6 +910,7 @@ pub struct Served {
 pub fn serve(opts: &Options, stop: &AtomicBool) -> Result<Served, VhostUserError> {
     let port_opts = PortOptions {
         vnet_hdr_len: opts.vnet_hdr.then_some(12),
+        num_slots: opts.pipe_slots,
         ..PortOptions::default()
     };
     let port = Port::open(&opts.port, &port_opts).map_err(|source| VhostUserError::Port {
