@@ -382,13 +382,23 @@ fn bad_values_are_dropped_and_counted_and_valid_frames_arrive_once() {
     //    apart here; the unit test `shm::tests::hostile_peer` covers it.)
     for bogus in [n + 5, u32::MAX] {
         let mut seen = false;
-        for _ in 0..5 {
+        for _ in 0..20 {
             peer.send(&mut vm, 400);
             let good = peer.h().word(Word::TxTail);
             // nmvm took the batch (its rx tail, set by its rxsync, moved).
-            vm.wait_for("before taking a batch", || {
-                peer.h().header(RingId::PeerRx, Field::Tail) == good
-            });
+            // Watched without sleeping: a guest at full speed empties the
+            // batch in tens of microseconds, and the bad tail must be in
+            // place before nmvm releases the batch.
+            let t0 = Instant::now();
+            while peer.h().header(RingId::PeerRx, Field::Tail) != good {
+                if t0.elapsed() > Duration::from_millis(100) {
+                    vm.wait_for("before taking a batch", || {
+                        peer.h().header(RingId::PeerRx, Field::Tail) == good
+                    });
+                    break;
+                }
+                std::hint::spin_loop();
+            }
             peer.h().set_word(Word::TxTail, bogus);
             let released = peer.h().word(Word::TxHead);
             vm.wait_for("with a bad tail", || {
