@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use nmvm_devices::netmap::shm;
 use regex::Regex;
 
 use crate::verdict;
@@ -94,11 +95,8 @@ pub struct VhostUserArgs {
     /// offloads, which pass through to the peer.
     #[arg(long)]
     pub vnet_hdr: bool,
-    /// Slots per ring of a userspace pipe, if this end opens it first
-    /// (the end that comes second takes the first one's size). Smaller
-    /// rings keep fewer buffers in flight; larger ones absorb longer bursts.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..=32768))]
-    pub pipe_slots: u32,
+    #[command(flatten)]
+    pub pipe: PipeArgs,
     /// Exit after serving N connections (default: serve until stopped).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub connections: Option<u64>,
@@ -109,6 +107,21 @@ pub struct VhostUserArgs {
     /// warning). Never use it with an untrusted frontend or netmap peer.
     #[arg(long)]
     pub no_seccomp: bool,
+}
+
+/// How a userspace pipe is laid out, for commands that may open it first.
+#[derive(Debug, Args)]
+pub struct PipeArgs {
+    /// Slots per ring of a userspace pipe, if this end opens it first
+    /// (the end that comes second takes the first one's size). Smaller
+    /// rings keep fewer buffers in flight; larger ones absorb longer bursts.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = shm::DEFAULT_SLOTS,
+        value_parser = clap::value_parser!(u32).range(i64::from(shm::MIN_SLOTS)..=i64::from(shm::MAX_SLOTS)),
+    )]
+    pub pipe_slots: u32,
 }
 
 const BENCH_HELP: &str = "\
@@ -240,11 +253,8 @@ pub struct PktGenArgs {
     /// header and received headers are skipped.
     #[arg(short = 'H', long = "vnet-hdr", value_name = "LEN", value_parser = parse_hdr_len)]
     pub vnet_hdr_len: Option<u32>,
-    /// Slots per ring of a userspace pipe, if this end opens it first
-    /// (the end that comes second takes the first one's size). Smaller
-    /// rings keep fewer buffers in flight; larger ones absorb longer bursts.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(4..=32768))]
-    pub pipe_slots: u32,
+    #[command(flatten)]
+    pub pipe: PipeArgs,
     /// Stop receiving after this long without a frame (rx, ping, pong).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,

@@ -81,7 +81,7 @@ fn vhost_user(args: nmvm::cli::VhostUserArgs) -> ExitCode {
         socket: args.socket,
         port: args.net,
         vnet_hdr: args.vnet_hdr,
-        pipe_slots: args.pipe_slots,
+        pipe_slots: args.pipe.pipe_slots,
         connections: args.connections,
         stats: args.stats,
     };
@@ -364,7 +364,7 @@ fn pkt_gen(args: PktGenArgs) -> ExitCode {
         idle_timeout: args.idle_timeout,
         verbose: true,
         vnet_hdr_len: args.vnet_hdr_len,
-        pipe_slots: args.pipe_slots,
+        pipe_slots: args.pipe.pipe_slots,
         check: !args.no_check,
     };
     if sandbox(args.no_seccomp).is_err() {

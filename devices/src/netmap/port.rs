@@ -36,7 +36,7 @@ pub struct PortOptions {
 impl Default for PortOptions {
     fn default() -> Self {
         PortOptions {
-            num_slots: 1024,
+            num_slots: super::shm::DEFAULT_SLOTS,
             buf_size: 2048,
             spare_bufs: 64,
             vnet_hdr_len: None,

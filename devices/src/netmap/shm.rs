@@ -116,6 +116,8 @@ pub const REGION_VERSION: u32 = 1;
 pub const MIN_SLOTS: u32 = 4;
 /// Largest ring.
 pub const MAX_SLOTS: u32 = 32768;
+/// The ring size a pipe gets unless its opener asks for another.
+pub const DEFAULT_SLOTS: u32 = 1024;
 /// Largest region we create or map.
 pub const MAX_REGION: usize = 1 << 32;
 /// Largest spare stock per end.
