@@ -13,6 +13,9 @@
 //! own ring header, which it trusts between syncs, as any netmap user does)
 //! is made while nmvm is stopped with the worker inside poll(2), since a
 //! late guest notification can also wake it.
+//!
+//! Linux only: it reads the worker's state and system call from /proc.
+#![cfg(target_os = "linux")]
 
 mod common;
 

@@ -465,11 +465,11 @@ fn send(c: &mut UnixStream, code: u32, body: &[u8], fd: Option<i32>) {
         mh.msg_iov = &mut iov;
         mh.msg_iovlen = 1;
         mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        mh.msg_controllen = libc::CMSG_SPACE(4) as _;
         let cm = libc::CMSG_FIRSTHDR(&mh);
         (*cm).cmsg_level = libc::SOL_SOCKET;
         (*cm).cmsg_type = libc::SCM_RIGHTS;
-        (*cm).cmsg_len = libc::CMSG_LEN(4) as usize;
+        (*cm).cmsg_len = libc::CMSG_LEN(4) as _;
         libc::CMSG_DATA(cm).cast::<i32>().write_unaligned(fd);
         use std::os::fd::AsRawFd;
         let n = libc::sendmsg(c.as_raw_fd(), &mh, 0);

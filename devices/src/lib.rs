@@ -7,6 +7,7 @@
 //! (interrupt triggers, a way to stop the VM) through the small traits below.
 
 pub mod bus;
+pub mod eventfd;
 pub mod legacy;
 pub mod netmap;
 pub mod pci;

@@ -1,9 +1,34 @@
 //! CPU pinning for the benchmarks: which cores this process may use, and
 //! putting a thread (this one, or one of ours found by name) on one core.
+//!
+//! Linux only (sched_setaffinity, /proc/self/task). Elsewhere the allowed
+//! cores are unknown and pinning fails, so the benchmarks run unpinned and
+//! say so.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(target_os = "linux")]
+use std::time::Instant;
 
 /// The cores this process may run on, in order; empty if unknown.
+#[cfg(not(target_os = "linux"))]
+pub fn allowed_cores() -> Vec<usize> {
+    Vec::new()
+}
+
+/// Puts thread `tid` (0: the calling thread) on `core` only: never here.
+#[cfg(not(target_os = "linux"))]
+pub fn pin(_tid: libc::pid_t, _core: usize) -> bool {
+    false
+}
+
+/// Finds a thread by name and pins it: never here.
+#[cfg(not(target_os = "linux"))]
+pub fn pin_named(_name: &str, _core: usize, _limit: Duration) -> bool {
+    false
+}
+
+/// The cores this process may run on, in order; empty if unknown.
+#[cfg(target_os = "linux")]
 pub fn allowed_cores() -> Vec<usize> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set, and
     // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
@@ -27,6 +52,7 @@ pub fn two_cores() -> Option<(usize, usize)> {
 }
 
 /// Puts thread `tid` (0: the calling thread) on `core` only.
+#[cfg(target_os = "linux")]
 pub fn pin(tid: libc::pid_t, core: usize) -> bool {
     if core >= libc::CPU_SETSIZE as usize {
         return false;
@@ -42,6 +68,7 @@ pub fn pin(tid: libc::pid_t, core: usize) -> bool {
 
 /// Waits up to `limit` for a thread of this process named `name` to
 /// appear and puts it on `core`. False if none appeared.
+#[cfg(target_os = "linux")]
 pub fn pin_named(name: &str, core: usize, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
@@ -63,7 +90,7 @@ pub fn pin_named(name: &str, core: usize, limit: Duration) -> bool {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 

@@ -24,6 +24,7 @@ use nmvm_devices::netmap::{Port, PortOptions};
 use nmvm_devices::virtio::driver::{PassthroughDriver, SyntheticDriver};
 use nmvm_devices::virtio::net::{Net, NetCounters, F_MRG_RXBUF};
 use nmvm_devices::virtio::passthrough::F_NMVM_NETMAP;
+#[cfg(target_os = "linux")]
 use nmvm_devices::virtio::tap::{PacketSocket, Tap, TapNet};
 use nmvm_devices::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
 use serde::Serialize;
@@ -450,6 +451,7 @@ fn pt_ratios(
 
 /// Guest → tap through the same kind of device worker with writev, an
 /// AF_PACKET reader on the interface counting frames.
+#[cfg(target_os = "linux")]
 pub fn tap_tx(size: usize, dur: Duration) -> Result<Row, String> {
     let tap = Tap::new().map_err(|e| e.to_string())?;
     let sock = PacketSocket::bind(tap.ifindex()).map_err(|e| e.to_string())?;
@@ -492,6 +494,7 @@ pub fn tap_tx(size: usize, dur: Duration) -> Result<Row, String> {
 
 /// An AF_PACKET writer on the interface → tap → device worker with readv →
 /// the synthetic driver, which counts frames.
+#[cfg(target_os = "linux")]
 pub fn tap_rx(size: usize, dur: Duration) -> Result<Row, String> {
     let tap = Tap::new().map_err(|e| e.to_string())?;
     let sock = PacketSocket::bind(tap.ifindex()).map_err(|e| e.to_string())?;
@@ -524,6 +527,18 @@ pub fn tap_rx(size: usize, dur: Duration) -> Result<Row, String> {
     let mut r = row("tap", "rx", size, frames.0, frames.1);
     ratios(&mut r, &drv, &counters, 0);
     Ok(r)
+}
+
+/// The tap path is Linux's (TUN/TAP and AF_PACKET).
+#[cfg(not(target_os = "linux"))]
+pub fn tap_tx(_size: usize, _dur: Duration) -> Result<Row, String> {
+    Err("the tap path (Linux TUN/TAP and AF_PACKET) is not built on this OS".into())
+}
+
+/// The tap path is Linux's (TUN/TAP and AF_PACKET).
+#[cfg(not(target_os = "linux"))]
+pub fn tap_rx(_size: usize, _dur: Duration) -> Result<Row, String> {
+    Err("the tap path (Linux TUN/TAP and AF_PACKET) is not built on this OS".into())
 }
 
 /// Which way the guest-in-the-loop rows reach the port.

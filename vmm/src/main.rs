@@ -13,6 +13,7 @@ use nmvm::report::Report;
 use nmvm::verdict::{StopReason, EXIT_VMM_ERROR};
 use nmvm::vm::{self, ConsoleConfig, KernelChoice, NetSpec, RunOutcome, VmConfig};
 
+#[cfg(target_os = "linux")]
 mod vhost_user;
 
 fn main() -> ExitCode {
@@ -70,9 +71,22 @@ fn sandbox(no_seccomp: bool) -> Result<(), nmvm::seccomp::SeccompError> {
         );
         return Ok(());
     }
+    if !nmvm::seccomp::SUPPORTED {
+        eprintln!(
+            "nmvm: WARNING: no system-call filter on this OS (seccomp is Linux's); \
+             threads run unconfined"
+        );
+    }
     nmvm::seccomp::enable().inspect_err(|e| eprintln!("nmvm: {}", error_chain(e)))
 }
 
+#[cfg(not(target_os = "linux"))]
+fn vhost_user(_args: nmvm::cli::VhostUserArgs) -> ExitCode {
+    eprintln!("nmvm vhost-user: not built on this OS (the vhost-user backend is Linux-only)");
+    ExitCode::from(EXIT_VMM_ERROR)
+}
+
+#[cfg(target_os = "linux")]
 fn vhost_user(args: nmvm::cli::VhostUserArgs) -> ExitCode {
     if sandbox(args.no_seccomp).is_err() {
         return ExitCode::from(EXIT_VMM_ERROR);

@@ -22,7 +22,7 @@ pub fn guest_resident_kib(mem: &GuestMemoryMmap) -> u64 {
         let mut vec = vec![0u8; len.div_ceil(page)];
         // SAFETY: the region is a live page-aligned mapping of `len` bytes
         // owned by `mem`, and `vec` has one byte per page of it.
-        let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vec.as_mut_ptr()) };
+        let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vec.as_mut_ptr().cast()) };
         if rc == 0 {
             resident_pages += vec.iter().filter(|b| **b & 1 != 0).count() as u64;
         }

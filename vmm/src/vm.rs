@@ -26,6 +26,7 @@ use thiserror::Error;
 use crate::boot::{self, layout, mptable, BootError, BootSpec};
 use crate::console::{self, ConsoleOut, ConsoleSerial, RawTerminal};
 use crate::hypervisor::bhyve::BhyveHypervisor;
+#[cfg(target_os = "linux")]
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::Backend;
 use crate::hypervisor::{HypervisorError, Vcpu, VcpuExit, Vm};
@@ -293,15 +294,14 @@ fn check_config(cfg: &VmConfig, max_vcpus: usize) -> Result<(), VmError> {
             "--memory must be a whole number of 4 KiB pages".into(),
         ));
     }
-    // SAFETY: sysinfo fills the struct it is given and nothing else.
-    let host_ram = unsafe {
-        let mut info: libc::sysinfo = std::mem::zeroed();
-        if libc::sysinfo(&mut info) == 0 {
-            Some(info.totalram * u64::from(info.mem_unit))
-        } else {
-            None
-        }
+    // SAFETY: sysconf reads a configuration value and touches no memory.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
     };
+    let host_ram = (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64);
     if let Some(host) = host_ram {
         if cfg.memory > host {
             return Err(VmError::Config(format!(
@@ -329,16 +329,48 @@ fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
 }
 
 /// A signal handler that does nothing: its only job is to interrupt
-/// KVM_RUN (which then returns EINTR) so a vCPU thread sees the stop flag.
+/// KVM_RUN or VM_RUN (which then return EINTR) so a vCPU thread sees the
+/// stop flag.
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// The signal that kicks vCPU threads: the first real-time signal on Linux
+/// (nothing else uses it); FreeBSD's libc bindings name none, so SIGUSR2
+/// there.
 fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN()
+    #[cfg(target_os = "linux")]
+    return libc::SIGRTMIN();
+    #[cfg(not(target_os = "linux"))]
+    return libc::SIGUSR2;
+}
+
+/// Installs [`kick_handler`] for [`kick_signal`], without SA_RESTART so the
+/// run ioctl is interrupted rather than restarted.
+fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: an all-zero sigaction is a valid value, filled in before use;
+    // the handler does nothing, so it is async-signal-safe.
+    let rc = unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = kick_handler as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(kick_signal(), &act, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Boots the VM described by `cfg` and runs it to a verdict.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     match crate::hypervisor::selected() {
+        #[cfg(not(target_os = "linux"))]
+        Backend::Kvm => Err(crate::hypervisor::HypervisorError::NotOnThisOs(
+            "KVM (Linux's hypervisor); use --hypervisor bhyve",
+        )
+        .into()),
+        #[cfg(target_os = "linux")]
         Backend::Kvm => {
             let hv = KvmHypervisor::new()?;
             check_config(cfg, hv.max_vcpus())?;
@@ -483,8 +515,7 @@ where
     });
 
     // The handler is async-signal-safe: it does nothing.
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
-        .map_err(|e| VmError::Thread(e.into()))?;
+    install_kick_handler().map_err(VmError::Thread)?;
     let signal = Arc::new(AtomicUsize::new(0));
     for sig in [libc::SIGINT, libc::SIGTERM] {
         signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)

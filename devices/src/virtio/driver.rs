@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::net::HDR_LEN;
 use super::splitq::{Desc, GuestRam, SplitRing, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use super::{Activation, VirtioInterrupt};
+use crate::eventfd::EventFd;
 use crate::netmap::Ring;
 
 pub use super::splitq::need_event;

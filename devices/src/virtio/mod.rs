@@ -7,13 +7,15 @@ pub mod net;
 pub mod passthrough;
 pub mod pci;
 pub mod splitq;
+#[cfg(target_os = "linux")]
 pub mod tap;
 
 use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+
+use crate::eventfd::EventFd;
 
 /// Feature bit: the device conforms to virtio 1.x.
 pub const F_VERSION_1: u64 = 1 << 32;

@@ -27,9 +27,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{debug, warn};
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::passthrough::{
     self, Csb, Geometry, Kloop, StartError, CONTROL_OFF, CONTROL_ON, CONTROL_REFUSED, F_NMVM_NETMAP,
@@ -37,6 +34,7 @@ use super::passthrough::{
 use super::splitq::{BadAvailIndex, Chain, DeviceQueue, GuestRam, OneBuf};
 use super::{Activation, VirtioDevice, VirtioInterrupt, F_RING_EVENT_IDX, F_VERSION_1};
 use crate::bus::lock;
+use crate::eventfd::EventFd;
 use crate::netmap::{Port, PortStats, Ring, Slot, NETMAP_MAX_FRAGS, NS_MOREFRAG};
 use std::sync::Mutex;
 
@@ -68,14 +66,10 @@ pub(crate) const HDR_NUM_BUFFERS: usize = 10;
 pub const QUEUE_SIZE: u16 = 256;
 pub(crate) const RX: usize = 0;
 pub(crate) const TX: usize = 1;
-/// Chains handled per queue before the worker looks at the other side.
-pub(crate) const BATCH: usize = 256;
 /// Shortest frame accepted from the guest: an Ethernet header.
 pub(crate) const MIN_FRAME: usize = 14;
 /// Largest frame (without header) accepted from the guest.
 pub(crate) const MAX_FRAME: usize = 65_535 + 14;
-/// Largest chain, in descriptors, that the device walks.
-pub(crate) const MAX_CHAIN: usize = super::splitq::MAX_CHAIN;
 
 /// Device counters, readable while it runs.
 #[derive(Debug, Default)]
@@ -528,47 +522,6 @@ impl Net {
 }
 
 pub(crate) use super::splitq::ChainError;
-
-/// Walks a chain into `out`, checking every descriptor against guest RAM
-/// and the expected direction. Returns the total length. (The `virtio_queue`
-/// walk, for devices that still use it; the netmap worker uses
-/// [`DeviceQueue::walk`].)
-pub(crate) fn collect_chain<I: Iterator<Item = Descriptor>>(
-    mem: &GuestMemoryMmap,
-    chain: I,
-    writable: bool,
-    out: &mut Vec<Descriptor>,
-) -> Result<usize, ChainError> {
-    out.clear();
-    let mut total = 0usize;
-    let mut last_has_next = false;
-    for d in chain {
-        if out.len() == MAX_CHAIN {
-            return Err(ChainError::Bad("chain too long or looping"));
-        }
-        if d.len() == 0 {
-            return Err(ChainError::Bad("zero-length descriptor"));
-        }
-        if d.is_write_only() != writable {
-            return Err(ChainError::Bad("descriptor in the wrong direction"));
-        }
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err(ChainError::Bad("descriptor outside guest memory"));
-        }
-        total += d.len() as usize;
-        last_has_next = d.has_next();
-        out.push(d);
-    }
-    if out.is_empty() {
-        return Err(ChainError::BadHead);
-    }
-    if last_has_next {
-        // The walk stopped at a `next` outside the table or at the
-        // queue-size bound of a loop.
-        return Err(ChainError::Bad("broken or looping chain"));
-    }
-    Ok(total)
-}
 
 /// Counts of one batch, added to the shared [`NetCounters`] once per batch.
 #[derive(Debug, Default, Clone, Copy)]

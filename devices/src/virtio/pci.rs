@@ -19,13 +19,13 @@ use std::sync::{Arc, Mutex};
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     Activation, VirtioDevice, VirtioInterrupt, F_VERSION_1, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
     STATUS_NEEDS_RESET,
 };
 use crate::bus::lock;
+use crate::eventfd::EventFd;
 use crate::pci::config::ConfigSpace;
 use crate::pci::msix::{MsiVector, MsixTable};
 use crate::pci::PciDevice;

@@ -29,13 +29,18 @@ use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::net::{
-    collect_chain, ChainError, NetCounters, BATCH, DEVICE_TYPE_NET, F_MAC, F_MRG_RXBUF, F_STATUS,
-    HDR_LEN, HDR_NUM_BUFFERS, MAX_CHAIN, MAX_FRAME, MIN_FRAME, QUEUE_SIZE, RX, TX,
+    ChainError, NetCounters, DEVICE_TYPE_NET, F_MAC, F_MRG_RXBUF, F_STATUS, HDR_LEN,
+    HDR_NUM_BUFFERS, MAX_FRAME, MIN_FRAME, QUEUE_SIZE, RX, TX,
 };
 use super::{Activation, VirtioDevice, VirtioInterrupt, F_RING_EVENT_IDX, F_VERSION_1};
+use crate::eventfd::EventFd;
+
+/// Chains handled per queue before the worker looks at the other side.
+const BATCH: usize = 256;
+/// Largest chain, in descriptors, that the device walks.
+const MAX_CHAIN: usize = super::splitq::MAX_CHAIN;
 
 /// Name pattern of the interfaces [`Tap::new`] creates; the kernel picks
 /// the first free number.
@@ -1166,6 +1171,47 @@ impl AsRawFd for PacketSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// Walks a chain into `out`, checking every descriptor against guest RAM
+/// and the expected direction. Returns the total length. (The tap device
+/// walks chains with `virtio_queue`; the netmap worker uses its own
+/// `DeviceQueue::walk`.)
+fn collect_chain<I: Iterator<Item = Descriptor>>(
+    mem: &GuestMemoryMmap,
+    chain: I,
+    writable: bool,
+    out: &mut Vec<Descriptor>,
+) -> Result<usize, ChainError> {
+    out.clear();
+    let mut total = 0usize;
+    let mut last_has_next = false;
+    for d in chain {
+        if out.len() == MAX_CHAIN {
+            return Err(ChainError::Bad("chain too long or looping"));
+        }
+        if d.len() == 0 {
+            return Err(ChainError::Bad("zero-length descriptor"));
+        }
+        if d.is_write_only() != writable {
+            return Err(ChainError::Bad("descriptor in the wrong direction"));
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(ChainError::Bad("descriptor outside guest memory"));
+        }
+        total += d.len() as usize;
+        last_has_next = d.has_next();
+        out.push(d);
+    }
+    if out.is_empty() {
+        return Err(ChainError::BadHead);
+    }
+    if last_has_next {
+        // The walk stopped at a `next` outside the table or at the
+        // queue-size bound of a loop.
+        return Err(ChainError::Bad("broken or looping chain"));
+    }
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -9,16 +9,17 @@
 //! [`VcpuExit`] and completes reads its own way on the next [`Vcpu::run`].
 
 pub mod bhyve;
+#[cfg(target_os = "linux")]
 pub mod kvm;
 
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use nmvm_devices::eventfd::EventFd;
 use nmvm_devices::pci::msix::MsiVector;
 use nmvm_devices::Interrupt;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Which hypervisor nmvm drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +90,10 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    /// The hypervisor asked for does not exist on the OS nmvm was built
+    /// for.
+    #[error("{0} is not available on this operating system")]
+    NotOnThisOs(&'static str),
     /// The hypervisor lacks something nmvm needs.
     #[error("the hypervisor does not support {0}")]
     Unsupported(&'static str),

@@ -31,11 +31,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use nmvm_devices::eventfd::EventFd;
 use nmvm_devices::pci::msix::{MsiMessage, MsiVector};
 use nmvm_devices::Interrupt;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use self::abi::{SegDesc, VmReg};
 use self::decode::MmioInsn;

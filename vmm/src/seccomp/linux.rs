@@ -1,30 +1,6 @@
-//! Seccomp filters for `nmvm run`, `nmvm vhost-user`, `nmvm pkt-gen` and
-//! `nmvm demo`, one allow-list per kind of thread.
-//!
-//! Each thread installs its own filter once its set-up is done, right before
-//! it starts serving the guest (vCPU threads), the port (the device worker,
-//! the userspace netmap pipe's control thread) or the operator (the main
-//! thread, which also starts the console input thread under its filter).
-//! A system call outside the list is trapped: [`sigsys_handler`] prints
-//! one line naming the thread kind and the system call, and the process
-//! exits with [`EXIT_VMM_ERROR`]. It never hangs and never continues.
-//!
-//! Filters are inherited by the threads a thread starts and stack with the
-//! ones those threads install (the strictest action wins). The device
-//! worker is started by a vCPU thread when the driver activates the
-//! device, so the vCPU list also holds what the worker needs to start and
-//! run; the worker's own, shorter list is what it is held to.
-//!
-//! `mmap` and `mprotect` are allowed only without `PROT_EXEC`: after
-//! set-up no thread can make memory executable. `clone` is allowed only for
-//! threads (`CLONE_THREAD`), and `clone3`, whose flags a filter cannot see,
-//! fails with ENOSYS so that the C library falls back to `clone`.
-//!
-//! Filters are opt-in per process: only [`enable`] (called by `nmvm run`,
-//! `vhost-user`, `pkt-gen` and `demo` unless `--no-seccomp`) turns
-//! [`install`] on, so library users (the unit tests, `nmvm bench`, which
-//! starts its vhost-user and pkt-gen peers as confined processes) run
-//! unfiltered.
+//! The seccomp filters themselves (Linux): one allow-list per
+//! [`ThreadKind`], the SIGSYS handler that reports a violation, and the
+//! switch that turns confinement on for a process.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -34,31 +10,9 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use thiserror::Error;
 
+use super::{SeccompError, ThreadKind};
 use crate::verdict::EXIT_VMM_ERROR;
-
-/// The kinds of thread `nmvm run` confines, each with its own allow-list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ThreadKind {
-    /// A vCPU thread: KVM_RUN, port and MMIO emulation, the console output.
-    Vcpu = 1,
-    /// The virtio-net device worker: guest rings to netmap rings.
-    DeviceWorker = 2,
-    /// The main thread (waits for the verdict, reports it) and the console
-    /// input thread it starts.
-    Main = 3,
-    /// The control thread of a userspace netmap pipe (`shm:`): accepts the
-    /// peer on a Unix socket and hands it the shared memory.
-    ShmControl = 4,
-    /// `nmvm vhost-user`'s protocol thread: accepts frontends, maps their
-    /// memory, starts and stops the device worker.
-    VhostUser = 5,
-    /// pkt-gen's traffic loop (the `nmvm pkt-gen` process, or the demo's
-    /// main thread).
-    PktGen = 6,
-}
 
 /// Every kind, for building all filters up front.
 const ALL_KINDS: [ThreadKind; 6] = [
@@ -70,48 +24,8 @@ const ALL_KINDS: [ThreadKind; 6] = [
     ThreadKind::PktGen,
 ];
 
-impl ThreadKind {
-    /// A name for log lines.
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadKind::Vcpu => "vCPU",
-            ThreadKind::DeviceWorker => "device worker",
-            ThreadKind::Main => "main/console",
-            ThreadKind::ShmControl => "netmap shm control",
-            ThreadKind::VhostUser => "vhost-user",
-            ThreadKind::PktGen => "pkt-gen",
-        }
-    }
-
-    fn from_u8(v: u8) -> Option<Self> {
-        ALL_KINDS.into_iter().find(|k| *k as u8 == v)
-    }
-}
-
-/// Errors while building or installing a filter.
-#[derive(Debug, Error)]
-pub enum SeccompError {
-    /// The filter could not be built (a bad rule: a bug).
-    #[error("cannot build the {kind} seccomp filter: {source}")]
-    Build {
-        /// For which thread kind.
-        kind: &'static str,
-        /// Why.
-        #[source]
-        source: seccompiler::BackendError,
-    },
-    /// The kernel refused the filter.
-    #[error("cannot install the {kind} seccomp filter: {source}")]
-    Install {
-        /// For which thread kind.
-        kind: &'static str,
-        /// Why.
-        #[source]
-        source: seccompiler::Error,
-    },
-    /// The SIGSYS handler could not be installed.
-    #[error("cannot install the SIGSYS handler: {0}")]
-    Handler(std::io::Error),
+fn kind_from_u8(v: u8) -> Option<ThreadKind> {
+    ALL_KINDS.into_iter().find(|k| *k as u8 == v)
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -604,7 +518,7 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
     };
     line.push(b"nmvm: seccomp: the ");
     line.push(
-        ThreadKind::from_u8(kind)
+        kind_from_u8(kind)
             .map_or("unconfined", ThreadKind::name)
             .as_bytes(),
     );
@@ -628,7 +542,7 @@ mod tests {
     #[test]
     fn every_filter_builds() {
         for kind in ALL_KINDS {
-            assert_eq!(ThreadKind::from_u8(kind as u8), Some(kind));
+            assert_eq!(kind_from_u8(kind as u8), Some(kind));
             let (allow, no_clone3) = filters(kind).expect("filter");
             assert!(!allow.is_empty() && !no_clone3.is_empty());
         }
