@@ -753,7 +753,7 @@ fn vcpu_loop<V: Vcpu>(mut vcpu: V, shared: &VcpuShared) {
                 return;
             }
         };
-        if !matches!(exit, VcpuExit::Interrupted) {
+        if !matches!(exit, VcpuExit::Interrupted | VcpuExit::Idle) {
             shared.first_exit.get_or_init(Instant::now);
         }
         match exit {
@@ -784,6 +784,7 @@ fn vcpu_loop<V: Vcpu>(mut vcpu: V, shared: &VcpuShared) {
             VcpuExit::Interrupted => {
                 counters.interrupted.fetch_add(1, Ordering::Relaxed);
             }
+            VcpuExit::Idle => {}
             VcpuExit::Shutdown => return end(StopReason::TripleFault),
             VcpuExit::Reset => return end(StopReason::GuestReset),
             VcpuExit::Halt => {

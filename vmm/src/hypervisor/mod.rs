@@ -218,6 +218,10 @@ pub enum VcpuExit<'a> {
     Reset,
     /// The run was interrupted by a signal (see `Vcpu::kick`).
     Interrupted,
+    /// An application processor the guest has not started yet (bhyve,
+    /// where the VMM starts APs): nothing ran; call `run` again, after
+    /// checking whether the VM is stopping.
+    Idle,
     /// The hypervisor could not emulate an instruction or hit an internal
     /// error.
     InternalError {

@@ -514,6 +514,10 @@ pub mod exit_off {
     pub const IPI_MODE: usize = 16;
     /// `ipi.vector` (u32).
     pub const IPI_VECTOR: usize = 20;
+    /// `spinup_ap.vcpu` (int): the processor the guest sent a STARTUP IPI.
+    pub const SPINUP_VCPU: usize = 16;
+    /// `spinup_ap.rip` (u64): the SIPI vector's page, where it starts.
+    pub const SPINUP_RIP: usize = 24;
 }
 
 /// `VIE_INST_SIZE`.
@@ -662,6 +666,8 @@ mod tests {
             (16, 24, 16, 16)
         );
         assert_eq!((IPI_MODE, IPI_VECTOR), (16, 20));
+        // struct { int vcpu; uint64_t rip; }: rip is 8-aligned.
+        assert_eq!((SPINUP_VCPU, SPINUP_RIP), (16, 24));
     }
 
     #[test]

@@ -89,6 +89,14 @@ pub enum Step {
     Suspended(i32),
     /// A HLT that reached userspace.
     Halt,
+    /// The guest sent a STARTUP IPI to `vcpu`, which vmm.ko leaves to the
+    /// VMM to start in real mode at `rip` (the SIPI vector's page).
+    SpinupAp {
+        /// The application processor.
+        vcpu: i32,
+        /// Its start address (a page boundary below 1 MiB).
+        rip: u64,
+    },
     /// Nothing for the VMM to do (a signal or an idle request).
     Interrupted,
     /// Handled here (e.g. an unknown MSR); enter the guest again.
@@ -191,6 +199,10 @@ pub fn handle_exit(exit: &[u8], regs: &mut impl Registers) -> Result<Step, ExitE
         exitcode::SUSPENDED => Step::Suspended(u32_at(exit, off::SUSPENDED_HOW) as i32),
         exitcode::BOGUS | exitcode::REQIDLE => Step::Interrupted,
         exitcode::HLT => Step::Halt,
+        exitcode::SPINUP_AP => Step::SpinupAp {
+            vcpu: u32_at(exit, off::SPINUP_VCPU) as i32,
+            rip: u64_at(exit, off::SPINUP_RIP),
+        },
         exitcode::RDMSR => {
             // As bhyve without strict MSRs: an unknown MSR reads as 0 (the
             // kernel moves RIP past RDMSR).
@@ -502,11 +514,21 @@ pub(crate) mod tests {
                 Step::Interrupted
             );
         }
-        let img = Image::new(exitcode::SPINUP_AP, 0, 0x100);
+        let mut img = Image::new(exitcode::SPINUP_AP, 0, 0x100);
+        img.put(off::SPINUP_VCPU, &3i32.to_le_bytes())
+            .put(off::SPINUP_RIP, &0x9_f000u64.to_le_bytes());
+        assert_eq!(
+            handle_exit(img.bytes(), &mut regs).unwrap(),
+            Step::SpinupAp {
+                vcpu: 3,
+                rip: 0x9_f000
+            }
+        );
+        let img = Image::new(exitcode::TASK_SWITCH, 0, 0x100);
         assert_eq!(
             handle_exit(img.bytes(), &mut regs).unwrap(),
             Step::Unhandled {
-                exitcode: exitcode::SPINUP_AP,
+                exitcode: exitcode::TASK_SWITCH,
                 rip: 0x100
             }
         );

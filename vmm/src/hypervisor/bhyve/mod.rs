@@ -28,7 +28,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use log::{debug, warn};
 use nmvm_devices::eventfd::EventFd;
@@ -128,10 +129,15 @@ impl BhyveHypervisor {
         }
     }
 
-    /// The largest vCPU count this backend runs (application processors
-    /// are not started on bhyve yet).
+    /// The largest vCPU count this backend runs: the kernel's
+    /// `hw.vmm.maxcpu` (FreeBSD 14 and later), or FreeBSD 13's fixed
+    /// `VM_MAXCPU` of 16.
     pub fn max_vcpus(&self) -> usize {
-        1
+        sysctl_int("hw.vmm.maxcpu")
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(16)
     }
 
     /// Creates a VM named `nmvm-PID-N` that is destroyed when it is dropped
@@ -179,6 +185,7 @@ impl BhyveHypervisor {
         Ok(BhyveVm {
             fd: Arc::new(fd),
             memseg: Mutex::new(false),
+            aps: Arc::new(ApTable::new()),
             guard,
         })
     }
@@ -205,6 +212,37 @@ fn sysctl_vm(sysctl: &str, name: &str) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Reads an integer sysctl.
+#[cfg(target_os = "freebsd")]
+fn sysctl_int(sysctl: &str) -> io::Result<libc::c_int> {
+    let key = CString::new(sysctl).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>();
+    // SAFETY: `key` is NUL-terminated; the kernel writes at most `len`
+    // bytes (one int) into `value` and the new length into `len`, both
+    // live locals; no new value is passed.
+    let r = unsafe {
+        libc::sysctlbyname(
+            key.as_ptr(),
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+            std::ptr::null(),
+            0,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
+}
+
+/// Sysctls exist only on FreeBSD.
+#[cfg(not(target_os = "freebsd"))]
+fn sysctl_int(_sysctl: &str) -> io::Result<libc::c_int> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 /// The legacy sysctls exist only on FreeBSD.
@@ -246,7 +284,104 @@ pub struct BhyveVm {
     fd: Arc<File>,
     /// Whether the system memory segment exists.
     memseg: Mutex<bool>,
+    /// Which vCPUs have been started, shared by all of them.
+    aps: Arc<ApTable>,
     guard: VmGuard,
+}
+
+/// Where one vCPU is in its start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ApState {
+    /// Not created: nmvm runs fewer vCPUs than this id.
+    Absent,
+    /// Created, waiting for the guest's STARTUP IPI.
+    Waiting,
+    /// A vCPU thread is setting it up after a SIPI.
+    Starting,
+    /// Activated: its thread runs it.
+    Running,
+}
+
+/// What a STARTUP IPI means for its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sipi {
+    /// The caller starts it.
+    Start,
+    /// Already started or being started (the MP protocol sends SIPI twice).
+    Again,
+    /// No such vCPU: the guest addressed a processor nmvm did not create.
+    NoSuchCpu,
+}
+
+/// The start-up state of every vCPU of a VM. On bhyve the VMM, not the
+/// kernel, starts application processors: vmm.ko reports the guest's SIPI
+/// as a SPINUP_AP exit on the sender's thread, which sets the target up
+/// and activates it, then wakes the target's thread here.
+#[derive(Debug)]
+struct ApTable {
+    states: Mutex<Vec<ApState>>,
+    started: Condvar,
+}
+
+impl ApTable {
+    fn new() -> Self {
+        Self {
+            states: Mutex::new(Vec::new()),
+            started: Condvar::new(),
+        }
+    }
+
+    /// Records vCPU `id` as created, running (the boot CPU) or waiting.
+    fn add(&self, id: usize, running: bool) {
+        let mut states = nmvm_devices::bus::lock(&self.states);
+        if states.len() <= id {
+            states.resize(id + 1, ApState::Absent);
+        }
+        states[id] = if running {
+            ApState::Running
+        } else {
+            ApState::Waiting
+        };
+    }
+
+    /// Claims the start of `vcpu` for the caller if it is waiting.
+    fn claim(&self, vcpu: i32) -> Sipi {
+        let mut states = nmvm_devices::bus::lock(&self.states);
+        match usize::try_from(vcpu).ok().and_then(|i| states.get_mut(i)) {
+            Some(s @ ApState::Waiting) => {
+                *s = ApState::Starting;
+                Sipi::Start
+            }
+            Some(ApState::Starting | ApState::Running) => Sipi::Again,
+            Some(ApState::Absent) | None => Sipi::NoSuchCpu,
+        }
+    }
+
+    /// Ends a claimed start: running, or (if it failed) waiting again.
+    fn finish(&self, vcpu: i32, ok: bool) {
+        let mut states = nmvm_devices::bus::lock(&self.states);
+        if let Some(s) = usize::try_from(vcpu).ok().and_then(|i| states.get_mut(i)) {
+            *s = if ok {
+                ApState::Running
+            } else {
+                ApState::Waiting
+            };
+        }
+        self.started.notify_all();
+    }
+
+    /// Waits up to `limit` for vCPU `id` to be running.
+    fn wait_running(&self, id: i32, limit: Duration) -> bool {
+        let Ok(i) = usize::try_from(id) else {
+            return false;
+        };
+        let states = nmvm_devices::bus::lock(&self.states);
+        let (states, _) = self
+            .started
+            .wait_timeout_while(states, limit, |s| s.get(i) != Some(&ApState::Running))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        states.get(i) == Some(&ApState::Running)
+    }
 }
 
 impl Drop for BhyveVm {
@@ -372,12 +507,11 @@ impl super::Vm for BhyveVm {
         Ok(())
     }
 
+    /// The boot CPU (id 0) is set to `state` and activated at once.
+    /// Application processors are only created: each waits for the
+    /// guest's STARTUP IPI, which another vCPU's thread turns into its
+    /// real-mode start (see [`ApTable`]).
     fn create_vcpu(&self, id: u8, _count: u8, state: &CpuState) -> Result<BhyveVcpu> {
-        if id != 0 {
-            return Err(HypervisorError::Unsupported(
-                "more than one vCPU on bhyve (nmvm does not start application processors there yet)",
-            ));
-        }
         let fd = self.fd.as_raw_fd();
         let cpuid = i32::from(id);
         let mut x2apic = abi::VmX2apic {
@@ -385,38 +519,140 @@ impl super::Vm for BhyveVm {
             state: abi::X2APIC_DISABLED,
         };
         ioctl(fd, abi::VM_SET_X2APIC_STATE, &mut x2apic).map_err(call("VM_SET_X2APIC_STATE"))?;
-        for w in boot_writes(state) {
-            match w {
-                BootWrite::Reg(reg, regval) => {
-                    let mut r = abi::VmRegister {
-                        cpuid,
-                        regnum: reg as i32,
-                        regval,
-                    };
-                    ioctl(fd, abi::VM_SET_REGISTER, &mut r).map_err(call("VM_SET_REGISTER"))?;
-                }
-                BootWrite::Desc(reg, desc) => {
-                    let mut d = abi::VmSegDesc {
-                        cpuid,
-                        regnum: reg as i32,
-                        desc,
-                    };
-                    ioctl(fd, abi::VM_SET_SEGMENT_DESCRIPTOR, &mut d)
-                        .map_err(call("VM_SET_SEGMENT_DESCRIPTOR"))?;
-                }
-            }
+        let boot = id == 0;
+        if boot {
+            apply(fd, cpuid, &boot_writes(state))?;
+            activate(fd, cpuid)?;
         }
-        let mut act = abi::VmActivateCpu { vcpuid: cpuid };
-        ioctl(fd, abi::VM_ACTIVATE_CPU, &mut act).map_err(call("VM_ACTIVATE_CPU"))?;
+        self.aps.add(usize::from(id), boot);
         Ok(BhyveVcpu {
             fd: self.fd.clone(),
             id: cpuid,
+            running: boot,
+            aps: self.aps.clone(),
             exit: Box::default(),
             cpuset: Box::new([0; abi::CPUSET_BYTES]),
             data: [0; 8],
             pending: Pending::None,
         })
     }
+}
+
+/// Writes `writes` into vCPU `cpuid`, in order.
+fn apply(fd: RawFd, cpuid: i32, writes: &[BootWrite]) -> Result<()> {
+    for &w in writes {
+        match w {
+            BootWrite::Reg(reg, regval) => {
+                let mut r = abi::VmRegister {
+                    cpuid,
+                    regnum: reg as i32,
+                    regval,
+                };
+                ioctl(fd, abi::VM_SET_REGISTER, &mut r).map_err(call("VM_SET_REGISTER"))?;
+            }
+            BootWrite::Desc(reg, desc) => {
+                let mut d = abi::VmSegDesc {
+                    cpuid,
+                    regnum: reg as i32,
+                    desc,
+                };
+                ioctl(fd, abi::VM_SET_SEGMENT_DESCRIPTOR, &mut d)
+                    .map_err(call("VM_SET_SEGMENT_DESCRIPTOR"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `VM_ACTIVATE_CPU`: VM_RUN refuses a vCPU that is not active.
+fn activate(fd: RawFd, cpuid: i32) -> Result<()> {
+    let mut act = abi::VmActivateCpu { vcpuid: cpuid };
+    ioctl(fd, abi::VM_ACTIVATE_CPU, &mut act).map_err(call("VM_ACTIVATE_CPU"))
+}
+
+/// Starts application processor `vcpu` at `rip` after the guest's SIPI:
+/// real mode needs unrestricted-guest execution (VT-x; SVM always has it),
+/// then the INIT state with CS:IP at the vector's page, then activation.
+fn start_ap(fd: RawFd, vcpu: i32, rip: u64) -> Result<()> {
+    let mut cap = abi::VmCapability {
+        cpuid: vcpu,
+        captype: abi::cap::UNRESTRICTED_GUEST,
+        capval: 1,
+        ..Default::default()
+    };
+    ioctl(fd, abi::VM_SET_CAPABILITY, &mut cap).map_err(call("VM_SET_CAPABILITY"))?;
+    apply(fd, vcpu, &ap_start_writes(rip))?;
+    activate(fd, vcpu)
+}
+
+/// The state of an application processor after INIT and a STARTUP IPI
+/// whose vector page is `rip` (Intel SDM vol. 3, "processor state
+/// following INIT"; the SIPI sets CS.selector = vector << 8, CS.base =
+/// vector << 12, IP = 0). CR0 holds only NE, as bhyve does: VT-x needs NE,
+/// and CD/NW would make the AP's first steps uncached.
+pub fn ap_start_writes(rip: u64) -> Vec<BootWrite> {
+    use BootWrite::{Desc, Reg};
+    let page = rip & !0xfff & 0xf_ffff;
+    let real_mode = |base| SegDesc {
+        base,
+        limit: 0xffff,
+        access: 0x93,
+    };
+    let mut w = vec![
+        Reg(VmReg::Cr0, 0x20),
+        Reg(VmReg::Cr3, 0),
+        Reg(VmReg::Cr4, 0),
+        Reg(VmReg::Efer, 0),
+        Reg(VmReg::Rflags, 2),
+        Desc(VmReg::Cs, real_mode(page)),
+        Reg(VmReg::Cs, page >> 4),
+    ];
+    for seg in [VmReg::Ds, VmReg::Es, VmReg::Fs, VmReg::Gs, VmReg::Ss] {
+        w.push(Desc(seg, real_mode(0)));
+        w.push(Reg(seg, 0));
+    }
+    let table = SegDesc {
+        base: 0,
+        limit: 0xffff,
+        access: 0,
+    };
+    w.extend([
+        Desc(VmReg::Gdtr, table),
+        Desc(VmReg::Idtr, table),
+        Desc(
+            VmReg::Tr,
+            SegDesc {
+                base: 0,
+                limit: 0xffff,
+                access: 0x8b,
+            },
+        ),
+        Reg(VmReg::Tr, 0),
+        Desc(
+            VmReg::Ldtr,
+            SegDesc {
+                base: 0,
+                limit: 0xffff,
+                access: 0x82,
+            },
+        ),
+        Reg(VmReg::Ldtr, 0),
+    ]);
+    for reg in [
+        VmReg::Rax,
+        VmReg::Rbx,
+        VmReg::Rcx,
+        VmReg::Rsi,
+        VmReg::Rdi,
+        VmReg::Rbp,
+        VmReg::Rsp,
+    ] {
+        w.push(Reg(reg, 0));
+    }
+    // EDX after INIT: the processor signature (family 15, as bhyve).
+    w.push(Reg(VmReg::Rdx, 0xf00));
+    w.push(Reg(VmReg::Rip, 0));
+    w
 }
 
 /// One register or descriptor write of the boot CPU's state.
@@ -590,6 +826,9 @@ impl Registers for IoctlRegs {
 pub struct BhyveVcpu {
     fd: Arc<File>,
     id: i32,
+    /// Activated (the boot CPU, or an AP the guest has started).
+    running: bool,
+    aps: Arc<ApTable>,
     exit: Box<abi::VmExitBuf>,
     cpuset: Box<[u8; abi::CPUSET_BYTES]>,
     /// The bytes of the last port or MMIO access.
@@ -663,7 +902,9 @@ fn step_to_exit<'a>(
         },
         Step::Halt => VcpuExit::Halt,
         Step::Interrupted => VcpuExit::Interrupted,
-        Step::Resume => return None,
+        // A SIPI is handled on the vCPU (it needs the VM); neither leaves
+        // anything for the VMM.
+        Step::Resume | Step::SpinupAp { .. } => return None,
         Step::Unhandled { exitcode, rip } => {
             warn!("bhyve exit {exitcode} at rip {rip:#x}");
             VcpuExit::Other(exit_name(exitcode))
@@ -685,8 +926,39 @@ fn complete(pending: Pending, data: &[u8; 8], regs: &mut impl Registers) -> Resu
     }
 }
 
+/// How long an application processor's thread waits for its start before
+/// returning to the VMM's loop, which checks whether the VM is stopping.
+const AP_WAIT: Duration = Duration::from_millis(50);
+
+impl BhyveVcpu {
+    /// Handles the guest's STARTUP IPI to `vcpu` on this (the sender's)
+    /// thread. A repeated SIPI or one to a processor nmvm did not create is
+    /// ignored, as hardware ignores SIPIs outside wait-for-SIPI.
+    fn spinup_ap(&self, vcpu: i32, rip: u64) -> Result<()> {
+        match self.aps.claim(vcpu) {
+            Sipi::Start => {
+                let result = start_ap(self.fd.as_raw_fd(), vcpu, rip);
+                self.aps.finish(vcpu, result.is_ok());
+                debug!("bhyve: vCPU {} started vCPU {vcpu} at {rip:#x}", self.id);
+                result
+            }
+            Sipi::Again => Ok(()),
+            Sipi::NoSuchCpu => {
+                warn!("bhyve: STARTUP IPI to vCPU {vcpu}, which this VM does not have: ignored");
+                Ok(())
+            }
+        }
+    }
+}
+
 impl super::Vcpu for BhyveVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
+        if !self.running {
+            if !self.aps.wait_running(self.id, AP_WAIT) {
+                return Ok(VcpuExit::Idle);
+            }
+            self.running = true;
+        }
         let mut regs = IoctlRegs {
             fd: self.fd.as_raw_fd(),
             cpuid: self.id,
@@ -708,6 +980,10 @@ impl super::Vcpu for BhyveVcpu {
                 Err(e) => return Err(call("VM_RUN")(e)),
             }
             let step = exit::handle_exit(&self.exit.0, &mut regs).map_err(exit_err)?;
+            if let Step::SpinupAp { vcpu, rip } = step {
+                self.spinup_ap(vcpu, rip)?;
+                continue;
+            }
             if !matches!(step, Step::Resume) {
                 return Ok(step_to_exit(step, &mut self.data, &mut self.pending)
                     .unwrap_or(VcpuExit::Interrupted));
@@ -878,5 +1154,86 @@ mod tests {
         assert!(w.contains(&BootWrite::Reg(VmReg::Cs, 0x08)));
         assert!(w.contains(&BootWrite::Reg(VmReg::Rsi, 0x7000)));
         assert!(w.contains(&BootWrite::Reg(VmReg::Rsp, 0x8ff0)));
+    }
+
+    #[test]
+    fn a_sipi_starts_an_ap_in_real_mode_at_the_vector_page() {
+        let w = ap_start_writes(0x9_f000);
+        assert_eq!(w[0], BootWrite::Reg(VmReg::Cr0, 0x20));
+        assert_eq!(*w.last().unwrap(), BootWrite::Reg(VmReg::Rip, 0));
+        let desc = |reg| {
+            w.iter()
+                .find_map(|x| match x {
+                    BootWrite::Desc(r, d) if *r == reg => Some(*d),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        // CS:IP = 9f00:0000 is linear 0x9f000.
+        assert_eq!(desc(VmReg::Cs).base, 0x9_f000);
+        assert_eq!(desc(VmReg::Cs).limit, 0xffff);
+        assert!(w.contains(&BootWrite::Reg(VmReg::Cs, 0x9f00)));
+        for seg in [VmReg::Ds, VmReg::Es, VmReg::Fs, VmReg::Gs, VmReg::Ss] {
+            assert_eq!(desc(seg).base, 0);
+            assert_eq!(desc(seg).access, 0x93);
+            assert!(w.contains(&BootWrite::Reg(seg, 0)));
+        }
+        for reg in [VmReg::Cr3, VmReg::Cr4, VmReg::Efer, VmReg::Rsp] {
+            assert!(w.contains(&BootWrite::Reg(reg, 0)), "{reg:?}");
+        }
+        assert_eq!(desc(VmReg::Tr).access, 0x8b);
+        assert_eq!(desc(VmReg::Ldtr).access, 0x82);
+        // Only the page below 1 MiB counts: what a SIPI vector can name.
+        assert!(ap_start_writes(0x12_3456).contains(&BootWrite::Reg(VmReg::Cs, 0x2300)));
+    }
+
+    #[test]
+    fn spinup_exits_leave_nothing_for_the_vmm() {
+        let mut img = Image::new(abi::exitcode::SPINUP_AP, 0, 0x1000);
+        img.put(abi::exit_off::SPINUP_VCPU, &1i32.to_le_bytes())
+            .put(abi::exit_off::SPINUP_RIP, &0x8000u64.to_le_bytes());
+        let mut regs = FakeRegs::default();
+        let step = exit::handle_exit(img.bytes(), &mut regs).unwrap();
+        assert_eq!(
+            step,
+            Step::SpinupAp {
+                vcpu: 1,
+                rip: 0x8000
+            }
+        );
+        let (mut data, mut pending) = ([0u8; 8], Pending::None);
+        assert!(step_to_exit(step, &mut data, &mut pending).is_none());
+        assert!(matches!(pending, Pending::None));
+    }
+
+    #[test]
+    fn each_ap_is_started_once_and_its_thread_woken() {
+        let aps = Arc::new(ApTable::new());
+        aps.add(0, true);
+        aps.add(1, false);
+        aps.add(2, false);
+        assert!(aps.wait_running(0, Duration::ZERO));
+        assert!(!aps.wait_running(1, Duration::from_millis(5)));
+        // The AP's thread waits; another vCPU's thread handles the SIPI.
+        let waiter = {
+            let aps = aps.clone();
+            std::thread::spawn(move || aps.wait_running(1, Duration::from_secs(10)))
+        };
+        assert_eq!(aps.claim(1), Sipi::Start);
+        // The MP protocol's second SIPI, while the first is handled.
+        assert_eq!(aps.claim(1), Sipi::Again);
+        aps.finish(1, true);
+        assert!(waiter.join().unwrap());
+        assert_eq!(aps.claim(1), Sipi::Again);
+        // A failed start leaves the AP waiting for another SIPI.
+        assert_eq!(aps.claim(2), Sipi::Start);
+        aps.finish(2, false);
+        assert!(!aps.wait_running(2, Duration::from_millis(5)));
+        assert_eq!(aps.claim(2), Sipi::Start);
+        // Processors the guest made up.
+        for bogus in [3, 200, -1] {
+            assert_eq!(aps.claim(bogus), Sipi::NoSuchCpu);
+        }
+        assert!(!aps.wait_running(-1, Duration::ZERO));
     }
 }
