@@ -95,6 +95,22 @@ fn pkt_gen_creates_a_pipe_with_the_ring_size_asked_for() {
 }
 
 #[test]
+fn run_creates_a_pipe_with_the_ring_size_asked_for() {
+    let (guest_end, host_end) = pipe("runslots");
+    let vm = vm_with(&guest_end, &["--pipe-slots", "128"], "net=sink count=300");
+    // The VM must open the pipe first for its size to count.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pg = pktgen(&host_end, &["-f", "tx", "-n", "300", "-l", "1514"]);
+    let ((vc, vo, ve), (pc, _, pe)) = both(vm, pg);
+    assert_eq!((vc, pc), (0, 0), "pkt-gen:\n{pe}\nguest:\n{vo}\n{ve}");
+    assert!(pe.contains("128 slots per ring"), "{pe}");
+    assert!(
+        vo.contains("nmvm-guest: net sink: rx 300 tx 0 bad 0"),
+        "{vo}"
+    );
+}
+
+#[test]
 fn guest_sink_counts_exactly_what_pktgen_sent() {
     let (guest_end, host_end) = pipe("sink");
     let vm = vm(&guest_end, "net=sink count=700");

@@ -624,6 +624,7 @@ pub fn guest_row(
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
             vnet_hdr: false,
             passthrough: path == GuestPath::Netmap,
+            pipe_slots: nmvm_devices::netmap::shm::DEFAULT_SLOTS,
         }),
     };
     // Pinned (with two cores): the vCPU alone on the second core, the

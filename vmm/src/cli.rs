@@ -371,6 +371,8 @@ pub struct RunArgs {
     /// and offer feature bit 45. See the README, "Netmap passthrough".
     #[arg(long, requires = "net")]
     pub passthrough: bool,
+    #[command(flatten)]
+    pub pipe: PipeArgs,
     /// The virtio-net device's MAC address.
     #[arg(long, value_name = "MAC", default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
     pub mac: [u8; 6],

@@ -50,6 +50,7 @@ pub fn run(frames: u64, window: usize, started: Instant) -> Result<DemoReport, S
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
             vnet_hdr: false,
             passthrough: false,
+            pipe_slots: nmvm_devices::netmap::shm::DEFAULT_SLOTS,
         }),
     };
     let vm_thread = std::thread::Builder::new()

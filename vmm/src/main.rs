@@ -159,6 +159,7 @@ fn run(args: RunArgs, started: Instant) -> ExitCode {
             mac: args.mac,
             vnet_hdr: args.vnet_hdr,
             passthrough: args.passthrough,
+            pipe_slots: args.pipe.pipe_slots,
         }),
     };
     if let Err(e) = sandbox(args.no_seccomp) {

@@ -139,6 +139,8 @@ pub struct NetSpec {
     pub vnet_hdr: bool,
     /// Map the port's region into the guest for netmap passthrough.
     pub passthrough: bool,
+    /// Slots per ring of a userspace pipe this VM opens first.
+    pub pipe_slots: u32,
 }
 
 /// Where the virtio-net device's BAR 0 sits: the start of the MMIO hole.
@@ -653,6 +655,7 @@ fn add_net_device(
 ) -> Result<NetHandle, VmError> {
     let opts = PortOptions {
         vnet_hdr_len: spec.vnet_hdr.then_some(12),
+        num_slots: spec.pipe_slots,
         ..PortOptions::default()
     };
     let port = Port::open(&spec.port, &opts).map_err(|e| VmError::Net {
