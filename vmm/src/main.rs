@@ -519,7 +519,7 @@ fn report(outcome: &RunOutcome, stats: bool) {
         ms(outcome.elapsed)
     );
     eprintln!(
-        "  VM exits                {} (port in {}, port out {}, mmio read {}, mmio write {}, kicks {}, other {})",
+        "  VM exits                {} (port in {}, port out {}, mmio read {}, mmio write {}, interrupted runs {}, other {})",
         e.total(),
         get(&e.io_in),
         get(&e.io_out),

@@ -202,7 +202,8 @@ pub struct ExitCounters {
     pub mmio_read: AtomicU64,
     /// MMIO writes.
     pub mmio_write: AtomicU64,
-    /// Runs interrupted by a kick.
+    /// Runs that returned without a guest exit: a signal (nmvm stopping
+    /// the vCPU) or, on bhyve, a pending AST.
     pub interrupted: AtomicU64,
     /// Anything else.
     pub other: AtomicU64,
