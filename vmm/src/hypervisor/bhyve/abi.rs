@@ -512,7 +512,7 @@ pub mod exit_off {
     pub const SUSPENDED_HOW: usize = 16;
     /// `ipi.mode` (u32).
     pub const IPI_MODE: usize = 16;
-    /// `ipi.vector` (u32).
+    /// `ipi.vector` (u8; the three bytes after it are padding).
     pub const IPI_VECTOR: usize = 20;
     /// `spinup_ap.vcpu` (int): the processor the guest sent a STARTUP IPI.
     pub const SPINUP_VCPU: usize = 16;

@@ -130,8 +130,8 @@ impl BhyveHypervisor {
     }
 
     /// The largest vCPU count this backend runs: the kernel's
-    /// `hw.vmm.maxcpu` (FreeBSD 14 and later), or FreeBSD 13's fixed
-    /// `VM_MAXCPU` of 16.
+    /// `hw.vmm.maxcpu`, or 16 (the old fixed `VM_MAXCPU`) if it cannot be
+    /// read.
     pub fn max_vcpus(&self) -> usize {
         sysctl_int("hw.vmm.maxcpu")
             .ok()
@@ -302,21 +302,24 @@ enum ApState {
     Running,
 }
 
-/// What a STARTUP IPI means for its target.
+/// What a SPINUP_AP exit means for its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sipi {
     /// The caller starts it.
     Start,
-    /// Already started or being started (the MP protocol sends SIPI twice).
-    Again,
+    /// It was started before: the guest is restarting a processor it
+    /// took offline (INIT and SIPI again), which nmvm does not support.
+    Restart,
     /// No such vCPU: the guest addressed a processor nmvm did not create.
     NoSuchCpu,
 }
 
 /// The start-up state of every vCPU of a VM. On bhyve the VMM, not the
-/// kernel, starts application processors: vmm.ko reports the guest's SIPI
-/// as a SPINUP_AP exit on the sender's thread, which sets the target up
-/// and activates it, then wakes the target's thread here.
+/// kernel, starts application processors: with `VM_CAP_IPI_EXIT` off (its
+/// default), vmm.ko handles INIT itself and turns the first STARTUP IPI
+/// after it into one SPINUP_AP exit on the sender's thread (the second SIPI
+/// of the MP protocol never reaches the VMM). That thread sets the target
+/// up and activates it, then wakes the target's thread here.
 #[derive(Debug)]
 struct ApTable {
     states: Mutex<Vec<ApState>>,
@@ -352,20 +355,16 @@ impl ApTable {
                 *s = ApState::Starting;
                 Sipi::Start
             }
-            Some(ApState::Starting | ApState::Running) => Sipi::Again,
+            Some(ApState::Starting | ApState::Running) => Sipi::Restart,
             Some(ApState::Absent) | None => Sipi::NoSuchCpu,
         }
     }
 
-    /// Ends a claimed start: running, or (if it failed) waiting again.
-    fn finish(&self, vcpu: i32, ok: bool) {
+    /// Marks a claimed vCPU running and wakes its thread.
+    fn running(&self, vcpu: i32) {
         let mut states = nmvm_devices::bus::lock(&self.states);
         if let Some(s) = usize::try_from(vcpu).ok().and_then(|i| states.get_mut(i)) {
-            *s = if ok {
-                ApState::Running
-            } else {
-                ApState::Waiting
-            };
+            *s = ApState::Running;
         }
         self.started.notify_all();
     }
@@ -519,6 +518,18 @@ impl super::Vm for BhyveVm {
             state: abi::X2APIC_DISABLED,
         };
         ioctl(fd, abi::VM_SET_X2APIC_STATE, &mut x2apic).map_err(call("VM_SET_X2APIC_STATE"))?;
+        // As bhyve: let the guest use INVPCID where the host has it (Linux
+        // then flushes TLB entries by PCID); without it the guest does not
+        // see the instruction, which is not an error.
+        let mut invpcid = abi::VmCapability {
+            cpuid,
+            captype: abi::cap::ENABLE_INVPCID,
+            capval: 1,
+            ..Default::default()
+        };
+        if let Err(e) = ioctl(fd, abi::VM_SET_CAPABILITY, &mut invpcid) {
+            debug!("bhyve: no INVPCID for vCPU {cpuid}: {e}");
+        }
         let boot = id == 0;
         if boot {
             apply(fd, cpuid, &boot_writes(state))?;
@@ -639,6 +650,7 @@ pub fn ap_start_writes(rip: u64) -> Vec<BootWrite> {
         Reg(VmReg::Ldtr, 0),
     ]);
     for reg in [
+        VmReg::Cr2,
         VmReg::Rax,
         VmReg::Rbx,
         VmReg::Rcx,
@@ -646,11 +658,22 @@ pub fn ap_start_writes(rip: u64) -> Vec<BootWrite> {
         VmReg::Rdi,
         VmReg::Rbp,
         VmReg::Rsp,
+        VmReg::R8,
+        VmReg::R9,
+        VmReg::R10,
+        VmReg::R11,
+        VmReg::R12,
+        VmReg::R13,
+        VmReg::R14,
+        VmReg::R15,
+        VmReg::IntrShadow,
     ] {
         w.push(Reg(reg, 0));
     }
     // EDX after INIT: the processor signature (family 15, as bhyve).
     w.push(Reg(VmReg::Rdx, 0xf00));
+    w.push(Reg(VmReg::Dr6, 0xffff_0ff0));
+    w.push(Reg(VmReg::Dr7, 0x400));
     w.push(Reg(VmReg::Rip, 0));
     w
 }
@@ -932,17 +955,25 @@ const AP_WAIT: Duration = Duration::from_millis(50);
 
 impl BhyveVcpu {
     /// Handles the guest's STARTUP IPI to `vcpu` on this (the sender's)
-    /// thread. A repeated SIPI or one to a processor nmvm did not create is
-    /// ignored, as hardware ignores SIPIs outside wait-for-SIPI.
+    /// thread. A failure to set the AP up stops the VM (as in bhyve): the
+    /// guest would wait for it forever. A restart of a processor that ran
+    /// before, or one to a processor nmvm did not create, is ignored with a
+    /// warning.
     fn spinup_ap(&self, vcpu: i32, rip: u64) -> Result<()> {
         match self.aps.claim(vcpu) {
             Sipi::Start => {
-                let result = start_ap(self.fd.as_raw_fd(), vcpu, rip);
-                self.aps.finish(vcpu, result.is_ok());
+                start_ap(self.fd.as_raw_fd(), vcpu, rip)?;
+                self.aps.running(vcpu);
                 debug!("bhyve: vCPU {} started vCPU {vcpu} at {rip:#x}", self.id);
-                result
+                Ok(())
             }
-            Sipi::Again => Ok(()),
+            Sipi::Restart => {
+                warn!(
+                    "bhyve: the guest restarts vCPU {vcpu} (CPU hotplug), which nmvm does not \
+                     support on bhyve: ignored"
+                );
+                Ok(())
+            }
             Sipi::NoSuchCpu => {
                 warn!("bhyve: STARTUP IPI to vCPU {vcpu}, which this VM does not have: ignored");
                 Ok(())
@@ -1178,9 +1209,19 @@ mod tests {
             assert_eq!(desc(seg).access, 0x93);
             assert!(w.contains(&BootWrite::Reg(seg, 0)));
         }
-        for reg in [VmReg::Cr3, VmReg::Cr4, VmReg::Efer, VmReg::Rsp] {
+        for reg in [
+            VmReg::Cr2,
+            VmReg::Cr3,
+            VmReg::Cr4,
+            VmReg::Efer,
+            VmReg::Rsp,
+            VmReg::R15,
+            VmReg::IntrShadow,
+        ] {
             assert!(w.contains(&BootWrite::Reg(reg, 0)), "{reg:?}");
         }
+        assert!(w.contains(&BootWrite::Reg(VmReg::Dr6, 0xffff_0ff0)));
+        assert!(w.contains(&BootWrite::Reg(VmReg::Dr7, 0x400)));
         assert_eq!(desc(VmReg::Tr).access, 0x8b);
         assert_eq!(desc(VmReg::Ldtr).access, 0x82);
         // Only the page below 1 MiB counts: what a SIPI vector can name.
@@ -1220,16 +1261,13 @@ mod tests {
             std::thread::spawn(move || aps.wait_running(1, Duration::from_secs(10)))
         };
         assert_eq!(aps.claim(1), Sipi::Start);
-        // The MP protocol's second SIPI, while the first is handled.
-        assert_eq!(aps.claim(1), Sipi::Again);
-        aps.finish(1, true);
+        // Another SPINUP_AP for it, while it starts or after: a restart.
+        assert_eq!(aps.claim(1), Sipi::Restart);
+        aps.running(1);
         assert!(waiter.join().unwrap());
-        assert_eq!(aps.claim(1), Sipi::Again);
-        // A failed start leaves the AP waiting for another SIPI.
-        assert_eq!(aps.claim(2), Sipi::Start);
-        aps.finish(2, false);
+        assert_eq!(aps.claim(1), Sipi::Restart);
         assert!(!aps.wait_running(2, Duration::from_millis(5)));
-        assert_eq!(aps.claim(2), Sipi::Start);
+        assert_eq!(aps.claim(0), Sipi::Restart);
         // Processors the guest made up.
         for bogus in [3, 200, -1] {
             assert_eq!(aps.claim(bogus), Sipi::NoSuchCpu);
