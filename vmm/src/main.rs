@@ -259,6 +259,9 @@ fn bench(args: BenchArgs) -> ExitCode {
 /// The DPDK race (`--dpdk`): testpmd found or installed, two cores, this
 /// binary for the nmvm side.
 fn race(seconds: f64, repeat: u32) -> Result<nmvm::dpdk::RaceReport, String> {
+    if cfg!(not(target_os = "linux")) {
+        return Err("the DPDK race needs `nmvm vhost-user`, which is Linux-only".into());
+    }
     let testpmd = nmvm::dpdk::find_testpmd(true).map_err(|e| e.to_string())?;
     let cores = nmvm::dpdk::pick_cores().map_err(|e| e.to_string())?;
     let nmvm = std::env::current_exe()
