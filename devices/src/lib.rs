@@ -8,6 +8,7 @@
 
 pub mod bus;
 pub mod eventfd;
+pub mod ioctl;
 pub mod legacy;
 pub mod netmap;
 pub mod pci;

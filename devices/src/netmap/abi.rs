@@ -11,6 +11,8 @@
 
 use core::mem::size_of;
 
+use crate::ioctl::{freebsd as freebsd_ioc, linux as linux_ioc};
+
 /// The API version we speak (`NETMAP_API`).
 pub const NETMAP_API: u16 = 14;
 /// Oldest API version a kernel accepts (`NETMAP_MIN_API`).
@@ -432,65 +434,6 @@ pub struct Nmreq {
 /// The ioctl group of netmap (`'i'`).
 pub const NETMAP_IOC_GROUP: u8 = b'i';
 
-/// Linux `_IOC` encoding: `dir << 30 | size << 16 | type << 8 | nr`, with a
-/// 14-bit size; `dir` is 0 (none), 1 (write), 2 (read), 3 (both).
-pub mod linux_ioc {
-    /// No data.
-    pub const IOC_NONE: u32 = 0;
-    /// Userspace writes (kernel reads).
-    pub const IOC_WRITE: u32 = 1;
-    /// Userspace reads (kernel writes).
-    pub const IOC_READ: u32 = 2;
-
-    /// `_IOC(dir, ty, nr, size)`.
-    pub const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
-        assert!(size < (1 << 14));
-        (dir << 30) | ((size as u32) << 16) | ((ty as u32) << 8) | nr as u32
-    }
-
-    /// `_IO(ty, nr)`.
-    pub const fn io(ty: u8, nr: u8) -> u32 {
-        ioc(IOC_NONE, ty, nr, 0)
-    }
-
-    /// `_IOWR(ty, nr, T)` with `size = sizeof(T)`.
-    pub const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
-        ioc(IOC_READ | IOC_WRITE, ty, nr, size)
-    }
-}
-
-/// FreeBSD `_IOC` encoding (`sys/sys/ioccom.h`): `inout | (len & 0x1fff) << 16
-/// | group << 8 | num`, with `IOC_VOID` = 0x2000_0000 for `_IO` and
-/// `IOC_INOUT` = 0xC000_0000 for `_IOWR`.
-pub mod freebsd_ioc {
-    /// Mask of the parameter length.
-    pub const IOCPARM_MASK: u32 = 0x1fff;
-    /// No parameters.
-    pub const IOC_VOID: u32 = 0x2000_0000;
-    /// Copy out parameters.
-    pub const IOC_OUT: u32 = 0x4000_0000;
-    /// Copy in parameters.
-    pub const IOC_IN: u32 = 0x8000_0000;
-    /// Both.
-    pub const IOC_INOUT: u32 = IOC_IN | IOC_OUT;
-
-    /// `_IOC(inout, group, num, len)`.
-    pub const fn ioc(inout: u32, group: u8, num: u8, len: usize) -> u32 {
-        assert!(len <= IOCPARM_MASK as usize);
-        inout | (((len as u32) & IOCPARM_MASK) << 16) | ((group as u32) << 8) | num as u32
-    }
-
-    /// `_IO(group, num)`.
-    pub const fn io(group: u8, num: u8) -> u32 {
-        ioc(IOC_VOID, group, num, 0)
-    }
-
-    /// `_IOWR(group, num, T)` with `len = sizeof(T)`.
-    pub const fn iowr(group: u8, num: u8, len: usize) -> u32 {
-        ioc(IOC_INOUT, group, num, len)
-    }
-}
-
 /// The ioctl numbers of one operating system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IoctlNumbers {
@@ -768,35 +711,21 @@ mod tests {
     }
 
     #[test]
-    fn ioctl_encoders() {
-        // _IOWR is the same on both systems for small sizes; _IO differs.
-        for size in [0usize, 1, 60, 88, 4095] {
-            assert_eq!(
-                linux_ioc::iowr(b'i', 151, size),
-                freebsd_ioc::iowr(b'i', 151, size)
-            );
-        }
-        assert_eq!(linux_ioc::ioc(linux_ioc::IOC_READ, b'i', 1, 4), 0x8004_6901);
+    fn the_native_numbers_are_the_os_ones() {
+        let native = if cfg!(target_os = "freebsd") {
+            FREEBSD_IOCTLS
+        } else {
+            LINUX_IOCTLS
+        };
         assert_eq!(
-            linux_ioc::ioc(linux_ioc::IOC_WRITE, b'i', 1, 4),
-            0x4004_6901
+            (NIOCCTRL, NIOCTXSYNC, NIOCRXSYNC, NIOCREGIF, NIOCGINFO),
+            (
+                native.nioc_ctrl,
+                native.nioc_txsync,
+                native.nioc_rxsync,
+                native.nioc_regif,
+                native.nioc_ginfo
+            )
         );
-        assert_eq!(
-            freebsd_ioc::ioc(freebsd_ioc::IOC_OUT, b'i', 1, 4),
-            0x4004_6901
-        );
-        assert_eq!(
-            freebsd_ioc::ioc(freebsd_ioc::IOC_IN, b'i', 1, 4),
-            0x8004_6901
-        );
-        assert_eq!(freebsd_ioc::io(b'i', 148) & !freebsd_ioc::IOC_VOID, 0x6994);
-        #[cfg(target_os = "linux")]
-        {
-            assert_eq!(NIOCCTRL, 0xC058_6997);
-            assert_eq!(NIOCTXSYNC, 0x6994);
-            assert_eq!(NIOCRXSYNC, 0x6995);
-            assert_eq!(NIOCREGIF, 0xC03C_6992);
-            assert_eq!(NIOCGINFO, 0xC03C_6991);
-        }
     }
 }

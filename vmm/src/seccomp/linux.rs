@@ -130,23 +130,19 @@ fn filters(kind: ThreadKind) -> Result<(BpfProgram, BpfProgram), SeccompError> {
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 type BackendResult<T> = Result<T, seccompiler::BackendError>;
 
-/// `ioctl` request numbers, `_IO`/`_IOW` from the kernel's ioctl.h.
+/// `ioctl` request numbers the filters allow.
 mod req {
-    const fn ioc(dir: u64, ty: u64, nr: u64, size: u64) -> u64 {
-        (dir << 30) | (size << 16) | (ty << 8) | nr
-    }
-    const KVMIO: u64 = 0xae;
-    const W: u64 = 1;
-    const R: u64 = 2;
+    use nmvm_devices::ioctl::linux::{io, ior, iow};
+    const KVMIO: u8 = 0xae;
     /// `KVM_RUN`.
-    pub const KVM_RUN: u64 = ioc(0, KVMIO, 0x80, 0);
+    pub const KVM_RUN: u64 = io(KVMIO, 0x80) as u64;
     /// `KVM_GET_REGS` (struct kvm_regs: 144 bytes): the rip of an
     /// emulation failure, for its verdict line.
-    pub const KVM_GET_REGS: u64 = ioc(R, KVMIO, 0x81, 144);
+    pub const KVM_GET_REGS: u64 = ior(KVMIO, 0x81, 144) as u64;
     /// `KVM_SET_GSI_ROUTING` (struct kvm_irq_routing header: 8 bytes).
-    pub const KVM_SET_GSI_ROUTING: u64 = ioc(W, KVMIO, 0x6a, 8);
+    pub const KVM_SET_GSI_ROUTING: u64 = iow(KVMIO, 0x6a, 8) as u64;
     /// `KVM_IRQFD` (struct kvm_irqfd: 32 bytes).
-    pub const KVM_IRQFD: u64 = ioc(W, KVMIO, 0x76, 32);
+    pub const KVM_IRQFD: u64 = iow(KVMIO, 0x76, 32) as u64;
     /// `NIOCTXSYNC` and `NIOCRXSYNC` (netmap, Linux numbering).
     pub const NIOCTXSYNC: u64 = nmvm_devices::netmap::abi::NIOCTXSYNC as u64;
     pub const NIOCRXSYNC: u64 = nmvm_devices::netmap::abi::NIOCRXSYNC as u64;

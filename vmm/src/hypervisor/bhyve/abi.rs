@@ -8,41 +8,8 @@
 
 use std::mem::size_of;
 
-/// `IOCPARM_MASK`: the argument length is 13 bits wide.
-pub const IOCPARM_MASK: u32 = 0x1fff;
-/// `IOC_VOID`: no argument (`_IO`).
-pub const IOC_VOID: u32 = 0x2000_0000;
-/// `IOC_OUT`: the kernel copies the argument out (`_IOR`).
-pub const IOC_OUT: u32 = 0x4000_0000;
-/// `IOC_IN`: the kernel copies the argument in (`_IOW`).
-pub const IOC_IN: u32 = 0x8000_0000;
-/// `IOC_INOUT`: both (`_IOWR`).
-pub const IOC_INOUT: u32 = IOC_IN | IOC_OUT;
-
-/// FreeBSD `_IOC(inout, group, num, len)` (`sys/sys/ioccom.h`).
-pub const fn ioc(inout: u32, group: u8, num: u8, len: usize) -> u32 {
-    inout | (((len as u32) & IOCPARM_MASK) << 16) | ((group as u32) << 8) | num as u32
-}
-
-/// `_IO(group, num)`.
-pub const fn io(group: u8, num: u8) -> u32 {
-    ioc(IOC_VOID, group, num, 0)
-}
-
-/// `_IOR(group, num, T)`.
-pub const fn ior(group: u8, num: u8, len: usize) -> u32 {
-    ioc(IOC_OUT, group, num, len)
-}
-
-/// `_IOW(group, num, T)`.
-pub const fn iow(group: u8, num: u8, len: usize) -> u32 {
-    ioc(IOC_IN, group, num, len)
-}
-
-/// `_IOWR(group, num, T)`.
-pub const fn iowr(group: u8, num: u8, len: usize) -> u32 {
-    ioc(IOC_INOUT, group, num, len)
-}
+/// vmm(4)'s requests are in FreeBSD's encoding on every OS nmvm builds for.
+pub use nmvm_devices::ioctl::freebsd::{io, ior, iow, iowr};
 
 /// The ioctl group of `/dev/vmm/NAME`.
 pub const VMM_GROUP: u8 = b'v';
@@ -559,16 +526,6 @@ pub const ACCESS_UNUSABLE: u32 = 1 << 16;
 mod tests {
     use super::*;
     use std::mem::{align_of, offset_of};
-
-    #[test]
-    fn ioctl_encoding_matches_freebsd() {
-        assert_eq!(io(b'v', 5), 0x2000_7605);
-        assert_eq!(iow(b'v', 1, 32), 0x8020_7601);
-        assert_eq!(ior(b'v', 1, 32), 0x4020_7601);
-        assert_eq!(iowr(b'v', 3, 16), 0xC010_7603);
-        // The length is masked to 13 bits.
-        assert_eq!(iow(b'v', 1, 0x2000 + 8), iow(b'v', 1, 8));
-    }
 
     #[test]
     fn ioctl_numbers_match_the_reference() {
