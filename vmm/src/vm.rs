@@ -814,3 +814,88 @@ fn vcpu_loop<V: Vcpu>(mut vcpu: V, shared: &VcpuShared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::bhyve::abi::{cap, exit_off, exitcode, suspend, VmReg};
+    use crate::hypervisor::bhyve::exit::tests::Image;
+    use crate::hypervisor::bhyve::fake::{Call, FakeVmm};
+    use crate::hypervisor::bhyve::BhyveVm;
+
+    fn out(port: u16, byte: u8) -> Image {
+        Image::inout(0x1000, false, 1, port, u32::from(byte))
+    }
+
+    /// The whole VMM on the bhyve backend, with vmm.ko replaced by a
+    /// script: the boot CPU reads the UART's line status, prints, loads
+    /// from an address with nothing behind it and starts the second CPU,
+    /// which prints and writes the exit port.
+    #[test]
+    fn a_scripted_bhyve_vm_starts_its_second_cpu_and_ends_with_the_guest_status() {
+        let mut spinup = Image::new(exitcode::SPINUP_AP, 0, 0x1000);
+        spinup
+            .put(exit_off::SPINUP_VCPU, &1i32.to_le_bytes())
+            .put(exit_off::SPINUP_RIP, &0x8000u64.to_le_bytes());
+        let boot_cpu = vec![
+            Image::inout(0x1000, true, 1, COM1_BASE + 5, 0),
+            out(COM1_BASE, b'A'),
+            out(COM1_BASE, b'\n'),
+            // mov ecx, [rbx]
+            Image::mmio(0x1000, 0xd000_0000, &[0x8b, 0x0b], true),
+            spinup,
+        ];
+        let second_cpu = vec![
+            out(COM1_BASE, b'B'),
+            out(COM1_BASE, b'\n'),
+            out(EXIT_PORT, 7),
+        ];
+        let fake = Arc::new(FakeVmm::new(vec![
+            boot_cpu.into_iter().map(|i| i.0).collect(),
+            second_cpu.into_iter().map(|i| i.0).collect(),
+        ]));
+        let cfg = VmConfig {
+            kernel: KernelChoice::Bundled,
+            initrd: None,
+            cmdline: String::new(),
+            memory: 64 << 20,
+            cpus: 2,
+            started: Instant::now(),
+            console: ConsoleConfig::default(),
+            timeout: Some(Duration::from_secs(30)),
+            net: None,
+        };
+        let outcome = run_on(&cfg, BhyveVm::with_device(fake.clone())).expect("run");
+
+        assert_eq!(outcome.reason, StopReason::GuestExit(7));
+        let lines = outcome.recent_lines.join("|");
+        assert!(lines.contains('A') && lines.contains('B'), "{lines}");
+        // IN completed through RAX with the UART's "transmitter empty".
+        assert_eq!(fake.register(0, VmReg::Rax) & 0xff, 0x60);
+        // The MMIO load read all-ones, zero-extended into RCX.
+        assert_eq!(fake.register(0, VmReg::Rcx), 0xffff_ffff);
+        // The AP: set up for real mode at 0800:0000 and activated only
+        // after the boot CPU's SIPI exit, and run only after that.
+        let log = fake.log();
+        let at = |c: Call| log.iter().position(|x| *x == c);
+        let runs_of = |cpu| {
+            log.iter()
+                .enumerate()
+                .filter(move |(_, c)| **c == Call::Run(cpu))
+                .map(|(i, _)| i)
+        };
+        let sipi = runs_of(0).nth(4).expect("the boot CPU's fifth exit");
+        let unrestricted = at(Call::SetCapability(1, cap::UNRESTRICTED_GUEST, 1)).unwrap();
+        let activated = at(Call::Activate(1)).expect("AP activated");
+        let first_run = runs_of(1).next().expect("AP ran");
+        assert!(sipi < unrestricted && unrestricted < activated && activated < first_run);
+        assert_eq!(runs_of(1).count(), 3);
+        assert_eq!(fake.register(1, VmReg::Rip), 0);
+        assert_eq!(fake.register(1, VmReg::Cs), 0x800);
+        assert_eq!(fake.descriptor(1, VmReg::Cs).unwrap().base, 0x8000);
+        // The boot CPU was set up and activated at creation; the VM was
+        // suspended when nmvm let it go.
+        assert!(at(Call::Activate(0)).unwrap() < runs_of(0).next().unwrap());
+        assert_eq!(log.last(), Some(&Call::Suspend(suspend::POWEROFF)));
+    }
+}

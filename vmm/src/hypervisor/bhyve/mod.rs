@@ -6,7 +6,9 @@
 //!   register-width rules;
 //! - [`exit`]: `struct vm_exit` to an access-level step, a pure function of
 //!   the exit bytes and a register accessor;
-//! - this file: the VM, its memory, interrupts and vCPUs.
+//! - this file: the VM, its memory, interrupts and vCPUs, all through a
+//!   `VmmDevice` (the kernel's `/dev/vmm/NAME`, or in tests the scripted
+//!   stand-in of `fake`).
 //!
 //! The module compiles on every OS; off FreeBSD, opening `/dev/vmmctl`
 //! fails at run time with an error that says bhyve needs FreeBSD.
@@ -20,6 +22,8 @@
 pub mod abi;
 pub mod decode;
 pub mod exit;
+#[cfg(test)]
+pub(crate) mod fake;
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -51,7 +55,7 @@ type IoctlRequest = libc::c_int;
 #[cfg(not(all(target_os = "linux", target_env = "musl")))]
 type IoctlRequest = libc::c_ulong;
 
-/// `ioctl(fd, req, arg)` on a vmm(4) argument struct.
+/// `ioctl(fd, req, arg)` on a vmm(4) argument struct (`/dev/vmmctl`).
 fn ioctl<T>(fd: RawFd, req: u32, arg: &mut T) -> io::Result<()> {
     // SAFETY: every request nmvm issues is paired with the `#[repr(C)]`
     // struct of `abi` whose size is encoded in `req` (the abi tests check
@@ -67,6 +71,54 @@ fn ioctl<T>(fd: RawFd, req: u32, arg: &mut T) -> io::Result<()> {
     }
 }
 
+/// The VM device's two operations: ioctls on `/dev/vmm/NAME`, and a
+/// descriptor to map guest memory from (the mmap offset is the
+/// guest-physical address). A trait so that tests can put a scripted vmm.ko
+/// in the kernel's place and run this backend, threads and all, on Linux.
+pub(crate) trait VmmDevice: Send + Sync {
+    /// `ioctl(req, arg)`, `arg` pointing at the request's `len`-byte struct.
+    ///
+    /// # Safety
+    ///
+    /// `arg` must point at a live, exclusively borrowed value of the
+    /// `#[repr(C)]` struct of `abi` that `req` takes, `len` bytes long, and
+    /// every pointer inside it must be valid as that request requires.
+    unsafe fn ioctl(&self, req: u32, arg: *mut u8, len: usize) -> io::Result<()>;
+    /// A descriptor to map guest memory from.
+    fn memory_file(&self) -> io::Result<File>;
+}
+
+/// vmm.ko's `/dev/vmm/NAME`.
+struct KernelVm(File);
+
+impl VmmDevice for KernelVm {
+    unsafe fn ioctl(&self, req: u32, arg: *mut u8, _len: usize) -> io::Result<()> {
+        // SAFETY: the caller's contract is the kernel's: `arg` is the
+        // struct `req` encodes (size included), live and exclusive for the
+        // call, with valid embedded pointers.
+        let r = unsafe { libc::ioctl(self.0.as_raw_fd(), req as IoctlRequest, arg) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn memory_file(&self) -> io::Result<File> {
+        self.0.try_clone()
+    }
+}
+
+/// `req` with `arg` on the VM device.
+fn vm_ioctl<T>(dev: &dyn VmmDevice, req: u32, arg: &mut T) -> io::Result<()> {
+    // SAFETY: every request nmvm issues is paired with the `#[repr(C)]`
+    // struct of `abi` whose size is encoded in `req` (the abi tests check
+    // both against the reference); `arg` is a live, exclusive borrow for
+    // the whole call, and the structs that carry pointers (VM_RUN) point at
+    // buffers the caller keeps alive across it.
+    unsafe { dev.ioctl(req, (arg as *mut T).cast(), std::mem::size_of::<T>()) }
+}
+
 fn call(op: &'static str) -> impl FnOnce(io::Error) -> HypervisorError {
     move |source| HypervisorError::Call { op, source }
 }
@@ -80,6 +132,9 @@ enum Teardown {
     Ioctl(File),
     /// Created with the legacy `hw.vmm.create` sysctl.
     Sysctl,
+    /// A test's stand-in device: nothing to destroy.
+    #[cfg(test)]
+    Nothing,
 }
 
 /// An open bhyve: `/dev/vmmctl`, or the legacy sysctl interface when the
@@ -183,7 +238,7 @@ impl BhyveHypervisor {
             .map_err(call("open /dev/vmm/NAME"))?;
         debug!("bhyve VM {} created", guard.name);
         Ok(BhyveVm {
-            fd: Arc::new(fd),
+            dev: Arc::new(KernelVm(fd)),
             memseg: Mutex::new(false),
             aps: Arc::new(ApTable::new()),
             guard,
@@ -271,6 +326,8 @@ impl Drop for VmGuard {
                 None => Ok(()),
             },
             Teardown::Sysctl => sysctl_vm("hw.vmm.destroy", &self.name),
+            #[cfg(test)]
+            Teardown::Nothing => Ok(()),
         };
         match result {
             Ok(()) => debug!("bhyve VM {} destroyed", self.name),
@@ -281,7 +338,7 @@ impl Drop for VmGuard {
 
 /// A bhyve virtual machine (`/dev/vmm/NAME`).
 pub struct BhyveVm {
-    fd: Arc<File>,
+    dev: Arc<dyn VmmDevice>,
     /// Whether the system memory segment exists.
     memseg: Mutex<bool>,
     /// Which vCPUs have been started, shared by all of them.
@@ -389,13 +446,27 @@ impl Drop for BhyveVm {
         let mut req = abi::VmSuspend {
             how: abi::suspend::POWEROFF,
         };
-        if let Err(e) = ioctl(self.fd.as_raw_fd(), abi::VM_SUSPEND, &mut req) {
+        if let Err(e) = vm_ioctl(&*self.dev, abi::VM_SUSPEND, &mut req) {
             debug!("VM_SUSPEND of {}: {e}", self.guard.name);
         }
     }
 }
 
 impl BhyveVm {
+    /// A VM on a test's stand-in for `/dev/vmm/NAME`.
+    #[cfg(test)]
+    pub(crate) fn with_device(dev: Arc<dyn VmmDevice>) -> Self {
+        BhyveVm {
+            dev,
+            memseg: Mutex::new(false),
+            aps: Arc::new(ApTable::new()),
+            guard: VmGuard {
+                name: "fake".into(),
+                teardown: Teardown::Nothing,
+            },
+        }
+    }
+
     /// The VM's name under /dev/vmm.
     pub fn name(&self) -> &str {
         &self.guard.name
@@ -408,13 +479,13 @@ impl BhyveVm {
                 "a second system memory segment on bhyve",
             ));
         }
-        let fd = self.fd.as_raw_fd();
+        let dev = &*self.dev;
         let mut seg = abi::VmMemseg {
             segid: abi::VM_SYSMEM,
             len,
             ..Default::default()
         };
-        match ioctl(fd, abi::VM_ALLOC_MEMSEG, &mut seg) {
+        match vm_ioctl(dev, abi::VM_ALLOC_MEMSEG, &mut seg) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
                 // FreeBSD 14 and earlier: the struct without NUMA fields.
@@ -423,7 +494,8 @@ impl BhyveVm {
                     len,
                     ..Default::default()
                 };
-                ioctl(fd, abi::VM_ALLOC_MEMSEG_14, &mut seg).map_err(call("VM_ALLOC_MEMSEG"))?;
+                vm_ioctl(dev, abi::VM_ALLOC_MEMSEG_14, &mut seg)
+                    .map_err(call("VM_ALLOC_MEMSEG"))?;
             }
             Err(e) => return Err(call("VM_ALLOC_MEMSEG")(e)),
         }
@@ -453,10 +525,9 @@ impl super::Vm for BhyveVm {
                 prot: abi::PROT_ALL,
                 flags: 0,
             };
-            ioctl(self.fd.as_raw_fd(), abi::VM_MMAP_MEMSEG, &mut map)
-                .map_err(call("VM_MMAP_MEMSEG"))?;
+            vm_ioctl(&*self.dev, abi::VM_MMAP_MEMSEG, &mut map).map_err(call("VM_MMAP_MEMSEG"))?;
             // The mmap offset on /dev/vmm/NAME is the guest-physical address.
-            let file = self.fd.try_clone().map_err(call("dup /dev/vmm/NAME"))?;
+            let file = self.dev.memory_file().map_err(call("dup /dev/vmm/NAME"))?;
             let region = MmapRegion::build(
                 Some(FileOffset::new(file, gpa)),
                 len,
@@ -483,7 +554,7 @@ impl super::Vm for BhyveVm {
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn Interrupt>> {
         Ok(Arc::new(PulseLine {
-            fd: self.fd.clone(),
+            dev: self.dev.clone(),
             gsi,
         }))
     }
@@ -492,7 +563,7 @@ impl super::Vm for BhyveVm {
         Ok((0..count)
             .map(|_| {
                 Arc::new(LapicMsi {
-                    fd: self.fd.clone(),
+                    dev: self.dev.clone(),
                     route: Mutex::new(None),
                 }) as Arc<dyn MsiVector>
             })
@@ -511,13 +582,14 @@ impl super::Vm for BhyveVm {
     /// guest's STARTUP IPI, which another vCPU's thread turns into its
     /// real-mode start (see [`ApTable`]).
     fn create_vcpu(&self, id: u8, _count: u8, state: &CpuState) -> Result<BhyveVcpu> {
-        let fd = self.fd.as_raw_fd();
+        let dev = &*self.dev;
         let cpuid = i32::from(id);
         let mut x2apic = abi::VmX2apic {
             cpuid,
             state: abi::X2APIC_DISABLED,
         };
-        ioctl(fd, abi::VM_SET_X2APIC_STATE, &mut x2apic).map_err(call("VM_SET_X2APIC_STATE"))?;
+        vm_ioctl(dev, abi::VM_SET_X2APIC_STATE, &mut x2apic)
+            .map_err(call("VM_SET_X2APIC_STATE"))?;
         // As bhyve: let the guest use INVPCID where the host has it (Linux
         // then flushes TLB entries by PCID); without it the guest does not
         // see the instruction, which is not an error.
@@ -527,17 +599,17 @@ impl super::Vm for BhyveVm {
             capval: 1,
             ..Default::default()
         };
-        if let Err(e) = ioctl(fd, abi::VM_SET_CAPABILITY, &mut invpcid) {
+        if let Err(e) = vm_ioctl(dev, abi::VM_SET_CAPABILITY, &mut invpcid) {
             debug!("bhyve: no INVPCID for vCPU {cpuid}: {e}");
         }
         let boot = id == 0;
         if boot {
-            apply(fd, cpuid, &boot_writes(state))?;
-            activate(fd, cpuid)?;
+            apply(dev, cpuid, &boot_writes(state))?;
+            activate(dev, cpuid)?;
         }
         self.aps.add(usize::from(id), boot);
         Ok(BhyveVcpu {
-            fd: self.fd.clone(),
+            dev: self.dev.clone(),
             id: cpuid,
             running: boot,
             aps: self.aps.clone(),
@@ -550,7 +622,7 @@ impl super::Vm for BhyveVm {
 }
 
 /// Writes `writes` into vCPU `cpuid`, in order.
-fn apply(fd: RawFd, cpuid: i32, writes: &[BootWrite]) -> Result<()> {
+fn apply(dev: &dyn VmmDevice, cpuid: i32, writes: &[BootWrite]) -> Result<()> {
     for &w in writes {
         match w {
             BootWrite::Reg(reg, regval) => {
@@ -559,7 +631,7 @@ fn apply(fd: RawFd, cpuid: i32, writes: &[BootWrite]) -> Result<()> {
                     regnum: reg as i32,
                     regval,
                 };
-                ioctl(fd, abi::VM_SET_REGISTER, &mut r).map_err(call("VM_SET_REGISTER"))?;
+                vm_ioctl(dev, abi::VM_SET_REGISTER, &mut r).map_err(call("VM_SET_REGISTER"))?;
             }
             BootWrite::Desc(reg, desc) => {
                 let mut d = abi::VmSegDesc {
@@ -567,7 +639,7 @@ fn apply(fd: RawFd, cpuid: i32, writes: &[BootWrite]) -> Result<()> {
                     regnum: reg as i32,
                     desc,
                 };
-                ioctl(fd, abi::VM_SET_SEGMENT_DESCRIPTOR, &mut d)
+                vm_ioctl(dev, abi::VM_SET_SEGMENT_DESCRIPTOR, &mut d)
                     .map_err(call("VM_SET_SEGMENT_DESCRIPTOR"))?;
             }
         }
@@ -576,24 +648,24 @@ fn apply(fd: RawFd, cpuid: i32, writes: &[BootWrite]) -> Result<()> {
 }
 
 /// `VM_ACTIVATE_CPU`: VM_RUN refuses a vCPU that is not active.
-fn activate(fd: RawFd, cpuid: i32) -> Result<()> {
+fn activate(dev: &dyn VmmDevice, cpuid: i32) -> Result<()> {
     let mut act = abi::VmActivateCpu { vcpuid: cpuid };
-    ioctl(fd, abi::VM_ACTIVATE_CPU, &mut act).map_err(call("VM_ACTIVATE_CPU"))
+    vm_ioctl(dev, abi::VM_ACTIVATE_CPU, &mut act).map_err(call("VM_ACTIVATE_CPU"))
 }
 
 /// Starts application processor `vcpu` at `rip` after the guest's SIPI:
 /// real mode needs unrestricted-guest execution (VT-x; SVM always has it),
 /// then the INIT state with CS:IP at the vector's page, then activation.
-fn start_ap(fd: RawFd, vcpu: i32, rip: u64) -> Result<()> {
+fn start_ap(dev: &dyn VmmDevice, vcpu: i32, rip: u64) -> Result<()> {
     let mut cap = abi::VmCapability {
         cpuid: vcpu,
         captype: abi::cap::UNRESTRICTED_GUEST,
         capval: 1,
         ..Default::default()
     };
-    ioctl(fd, abi::VM_SET_CAPABILITY, &mut cap).map_err(call("VM_SET_CAPABILITY"))?;
-    apply(fd, vcpu, &ap_start_writes(rip))?;
-    activate(fd, vcpu)
+    vm_ioctl(dev, abi::VM_SET_CAPABILITY, &mut cap).map_err(call("VM_SET_CAPABILITY"))?;
+    apply(dev, vcpu, &ap_start_writes(rip))?;
+    activate(dev, vcpu)
 }
 
 /// The state of an application processor after INIT and a STARTUP IPI
@@ -751,24 +823,24 @@ pub fn boot_writes(st: &CpuState) -> Vec<BootWrite> {
 /// A legacy interrupt line: an edge on the 8259 and IOAPIC pins (ISA
 /// interrupts), or on an IOAPIC pin above 15.
 struct PulseLine {
-    fd: Arc<File>,
+    dev: Arc<dyn VmmDevice>,
     gsi: u32,
 }
 
 impl Interrupt for PulseLine {
     fn trigger(&self) {
-        let fd = self.fd.as_raw_fd();
+        let dev = &*self.dev;
         let result = if self.gsi < 16 {
             let mut irq = abi::VmIsaIrq {
                 atpic_irq: self.gsi as i32,
                 ioapic_irq: self.gsi as i32,
             };
-            ioctl(fd, abi::VM_ISA_PULSE_IRQ, &mut irq)
+            vm_ioctl(dev, abi::VM_ISA_PULSE_IRQ, &mut irq)
         } else {
             let mut irq = abi::VmIoapicIrq {
                 irq: self.gsi as i32,
             };
-            ioctl(fd, abi::VM_IOAPIC_PULSE_IRQ, &mut irq)
+            vm_ioctl(dev, abi::VM_IOAPIC_PULSE_IRQ, &mut irq)
         };
         if let Err(e) = result {
             warn!("cannot raise interrupt line {}: {e}", self.gsi);
@@ -779,7 +851,7 @@ impl Interrupt for PulseLine {
 /// An MSI vector: `trigger` delivers the routed message with
 /// `VM_LAPIC_MSI` from the calling thread (the device worker).
 struct LapicMsi {
-    fd: Arc<File>,
+    dev: Arc<dyn VmmDevice>,
     route: Mutex<Option<MsiMessage>>,
 }
 
@@ -796,7 +868,7 @@ impl MsiVector for LapicMsi {
             msg: u64::from(m.data),
             addr: m.address,
         };
-        if let Err(e) = ioctl(self.fd.as_raw_fd(), abi::VM_LAPIC_MSI, &mut msi) {
+        if let Err(e) = vm_ioctl(&*self.dev, abi::VM_LAPIC_MSI, &mut msi) {
             warn!("VM_LAPIC_MSI {:#x}/{:#x}: {e}", m.address, m.data);
         }
     }
@@ -811,19 +883,19 @@ enum Pending {
 }
 
 /// Register access through VM_GET/SET_REGISTER.
-struct IoctlRegs {
-    fd: RawFd,
+struct IoctlRegs<'a> {
+    dev: &'a dyn VmmDevice,
     cpuid: i32,
 }
 
-impl Registers for IoctlRegs {
+impl Registers for IoctlRegs<'_> {
     fn get(&mut self, reg: VmReg) -> std::result::Result<u64, ExitError> {
         let mut r = abi::VmRegister {
             cpuid: self.cpuid,
             regnum: reg as i32,
             regval: 0,
         };
-        ioctl(self.fd, abi::VM_GET_REGISTER, &mut r).map_err(|source| ExitError::Register {
+        vm_ioctl(self.dev, abi::VM_GET_REGISTER, &mut r).map_err(|source| ExitError::Register {
             op: "VM_GET_REGISTER",
             reg,
             source,
@@ -837,7 +909,7 @@ impl Registers for IoctlRegs {
             regnum: reg as i32,
             regval: value,
         };
-        ioctl(self.fd, abi::VM_SET_REGISTER, &mut r).map_err(|source| ExitError::Register {
+        vm_ioctl(self.dev, abi::VM_SET_REGISTER, &mut r).map_err(|source| ExitError::Register {
             op: "VM_SET_REGISTER",
             reg,
             source,
@@ -847,7 +919,7 @@ impl Registers for IoctlRegs {
 
 /// A bhyve vCPU.
 pub struct BhyveVcpu {
-    fd: Arc<File>,
+    dev: Arc<dyn VmmDevice>,
     id: i32,
     /// Activated (the boot CPU, or an AP the guest has started).
     running: bool,
@@ -962,7 +1034,7 @@ impl BhyveVcpu {
     fn spinup_ap(&self, vcpu: i32, rip: u64) -> Result<()> {
         match self.aps.claim(vcpu) {
             Sipi::Start => {
-                start_ap(self.fd.as_raw_fd(), vcpu, rip)?;
+                start_ap(&*self.dev, vcpu, rip)?;
                 self.aps.running(vcpu);
                 debug!("bhyve: vCPU {} started vCPU {vcpu} at {rip:#x}", self.id);
                 Ok(())
@@ -991,7 +1063,7 @@ impl super::Vcpu for BhyveVcpu {
             self.running = true;
         }
         let mut regs = IoctlRegs {
-            fd: self.fd.as_raw_fd(),
+            dev: &*self.dev,
             cpuid: self.id,
         };
         let pending = std::mem::replace(&mut self.pending, Pending::None);
@@ -1003,7 +1075,7 @@ impl super::Vcpu for BhyveVcpu {
                 cpusetsize: abi::CPUSET_BYTES as u64,
                 vm_exit: self.exit.0.as_mut_ptr() as u64,
             };
-            match ioctl(regs.fd, abi::VM_RUN, &mut run) {
+            match vm_ioctl(regs.dev, abi::VM_RUN, &mut run) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
                     return Ok(VcpuExit::Interrupted)
