@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{nmvm, run_with_deadline, text};
+use common::bench::{last_lines, run_bench, BenchRun};
 use nmvm::dpdk::{self, Backend, Dir, RaceConfig};
 
 /// The runs pin themselves to the same two cores: one at a time.
@@ -63,35 +63,21 @@ fn bench_dpdk_only_races_both_backends_and_prints_the_race_last() {
     let _one = CORES.lock().unwrap_or_else(|e| e.into_inner());
     // Fails here, with the hint, rather than inside the bench.
     let _ = config(1.0);
-    let dir = std::env::temp_dir().join(format!("nmvm-dpdk-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let (json, plot) = (dir.join("r.json"), dir.join("p.svg"));
-    let out = run_with_deadline(
-        nmvm()
-            .args([
-                "bench",
-                "--dpdk-only",
-                "--seconds",
-                "1",
-                "--repeat",
-                "1",
-                "--json",
-            ])
-            .arg(&json)
-            .arg("--plot")
-            .arg(&plot),
+    let BenchRun {
+        stdout,
+        report,
+        svg,
+    } = run_bench(
+        "dpdk-bench",
+        &["--dpdk-only", "--seconds", "1", "--repeat", "1"],
         Duration::from_secs(400),
     );
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
-    let last: Vec<&str> = stdout.lines().rev().take(4).collect();
     assert!(
-        last.iter()
+        last_lines(&stdout, 4)
+            .iter()
             .all(|l| l.starts_with("race ") && l.contains("x DPDK; every run's counters agree")),
         "the last lines must be the race, counters agreeing:\n{stdout}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).expect("json");
     let points = report["dpdk"]["points"].as_array().expect("race points");
     assert_eq!(points.len(), 4, "64 and 1514 B, both ways: {report}");
     for p in points {
@@ -109,7 +95,5 @@ fn bench_dpdk_only_races_both_backends_and_prints_the_race_last() {
             "{path} rows: {report}"
         );
     }
-    let svg = std::fs::read_to_string(&plot).expect("plot written");
     assert!(svg.contains("vhost-user nmvm TX") && svg.contains("vhost-user DPDK RX"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

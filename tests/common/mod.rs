@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod net;
 pub mod proc;
 
