@@ -7,29 +7,17 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{nmvm, repo_root, require_kvm, run_with_deadline, text};
+use common::{guest_image, nmvm, require_kvm, run_with_deadline, text};
 
 fn debian_vmlinux() -> PathBuf {
-    let script = repo_root().join("guest-images/debian-kernel.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed: it fetches the stock kernel from Debian's packages (needs apt-get and the package registry)",
-        script.display()
+    let mut paths = guest_image(
+        "debian-kernel.sh",
+        "apt-get and the package registry (it fetches the stock kernel from Debian's packages)",
+        &["vmlinux"],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("vmlinux="))
-        .expect("debian-kernel.sh prints vmlinux=PATH");
-    PathBuf::from(line)
+    paths.remove(0)
 }
 
 #[test]

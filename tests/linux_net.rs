@@ -12,12 +12,11 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use common::proc::Proc;
-use common::{nmvm, repo_root, require_kvm};
+use common::{guest_image, nmvm, require_kvm};
 
 /// The whole run's limit (nmvm's own --timeout is 120 s).
 /// The kernel command line every test starts from (see
@@ -31,27 +30,13 @@ const MEMORY: &str = "64M";
 fn image() -> &'static (PathBuf, PathBuf) {
     static IMAGE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let script = repo_root().join("guest-images/linux/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed (see its messages above): it builds the minimal Linux guest from \
-             Debian's linux-source-6.1 and needs apt-get, gcc and make",
-            script.display()
+        let paths = guest_image(
+            "linux/build.sh",
+            "apt-get, gcc and make (it builds the minimal Linux guest from Debian's \
+             linux-source-6.1)",
+            &["vmlinux", "initrd"],
         );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let get = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("build.sh printed no {key}PATH:\n{stdout}"))
-        };
-        (get("vmlinux="), get("initrd="))
+        (paths[0].clone(), paths[1].clone())
     })
 }
 

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::proc::{Done, Proc};
-use common::{nmvm, repo_root, scratch_dir};
+use common::{guest_image, nmvm, scratch_dir};
 use nmvm_devices::netmap::{Port, PortOptions};
 
 /// Any one process's limit.
@@ -51,27 +51,13 @@ fn require_qemu() {
 fn appliance() -> &'static (PathBuf, PathBuf) {
     static IMAGE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let script = repo_root().join("guest-images/appliance/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed (see its messages above): it needs apt-get (Debian packages \
-             linux-image-*-cloud-amd64 and busybox-static), gcc with libc6-dev, gzip and lz4",
-            script.display()
+        let paths = guest_image(
+            "appliance/build.sh",
+            "apt-get (Debian packages linux-image-*-cloud-amd64 and busybox-static), gcc \
+             with libc6-dev, gzip and lz4",
+            &["kernel", "initrd"],
         );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let get = |key: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(PathBuf::from)
-                .unwrap_or_else(|| panic!("build.sh printed no {key}PATH:\n{stdout}"))
-        };
-        (get("kernel="), get("initrd="))
+        (paths[0].clone(), paths[1].clone())
     })
 }
 

@@ -118,3 +118,31 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
+
+/// Runs a guest-image script of `guest-images/` (which builds or fetches
+/// the image, or finds it in the cache) and returns the paths it prints as
+/// `KEY=PATH` lines, in the order of `keys`. `needs` says what the script
+/// needs, for the failure message.
+pub fn guest_image(script: &str, needs: &str, keys: &[&str]) -> Vec<PathBuf> {
+    let script = repo_root().join("guest-images").join(script);
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed (see its messages above): it needs {needs}",
+        script.display()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    keys.iter()
+        .map(|key| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("{} printed no {key}=PATH:\n{stdout}", script.display()))
+        })
+        .collect()
+}
