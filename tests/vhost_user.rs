@@ -72,6 +72,11 @@ struct Setup {
 fn setup(test: &str) -> Setup {
     require_qemu();
     appliance();
+    setup_without_qemu(test)
+}
+
+/// [`setup`] for tests that play the frontend themselves.
+fn setup_without_qemu(test: &str) -> Setup {
     let dir = scratch_dir(&format!("vu-{test}"));
     Setup {
         sock: dir.join("vhost.sock"),
@@ -424,6 +429,104 @@ fn bad_frontend(sock: &Path) {
     // The backend closes the connection.
     let mut rest = Vec::new();
     let _ = c.read_to_end(&mut rest);
+}
+
+/// A frontend may shrink the memory file it handed over while the device
+/// runs on it (nothing in vhost-user forbids it, and QEMU's and DPDK's files
+/// are not sealed): the backend's next access would fault with SIGBUS. The
+/// backend must survive it, say so, and finish the connection cleanly.
+#[test]
+fn a_frontend_that_shrinks_its_memory_does_not_bring_the_backend_down() {
+    let s = setup_without_qemu("shrink");
+    let backend = s.backend(&["--connections", "1"]);
+    shrinking_frontend(&s.sock);
+    let b = backend.finish();
+    show("nmvm vhost-user", &b);
+    assert_eq!(b.code, 0, "nmvm vhost-user failed");
+    assert!(
+        b.stderr
+            .contains("shrank a memory file under nmvm's mapping"),
+        "the shrunk memory was not reported:\n{}",
+        b.stderr
+    );
+    assert!(
+        b.stdout
+            .contains("vhost-user: 1 connections, 0 closed on an error"),
+        "{}",
+        b.stdout
+    );
+    let conn = b
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("connection 1:"))
+        .unwrap_or_else(|| panic!("no connection line:\n{}", b.stdout));
+    assert!(conn.contains("device started 1 times"), "{conn}");
+}
+
+/// Starts the device on a 1 MiB memfd (both rings in it, empty), then
+/// truncates the memfd to nothing and kicks both rings, so the worker reads
+/// the rings from pages that are gone.
+fn shrinking_frontend(sock: &Path) {
+    const USER: u64 = 0x7f00_0000_0000;
+    let mut c = UnixStream::connect(sock).expect("connect to the backend");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // GET_FEATURES (1), and its reply.
+    send(&mut c, 1, &[], None);
+    let mut reply = [0u8; 20];
+    c.read_exact(&mut reply).expect("GET_FEATURES reply");
+    send(&mut c, 3, &[], None); // SET_OWNER
+    send(&mut c, 2, &(1u64 << 32).to_le_bytes(), None); // SET_FEATURES: VERSION_1
+                                                        // SAFETY: memfd_create with a NUL-terminated name; checked below.
+    let mem = unsafe { libc::memfd_create(c"nmvm-test-shrink".as_ptr(), 0) };
+    assert!(mem >= 0, "memfd_create");
+    // SAFETY: `mem` is the memfd just created.
+    assert_eq!(unsafe { libc::ftruncate(mem, 1 << 20) }, 0);
+    let mut body = Vec::new();
+    body.extend_from_slice(&1u32.to_le_bytes()); // nregions
+    body.extend_from_slice(&0u32.to_le_bytes()); // padding
+    for v in [0u64, 1 << 20, USER, 0] {
+        // guest_phys_addr, memory_size, userspace_addr, mmap_offset
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    send(&mut c, 5, &body, Some(mem)); // SET_MEM_TABLE
+    let eventfd = || {
+        // SAFETY: eventfd takes no pointers; checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd");
+        fd
+    };
+    let mut kicks = Vec::new();
+    for ring in 0..2u32 {
+        let base = USER + u64::from(ring) * 0x1_0000;
+        let state = |num: u32| [ring.to_le_bytes(), num.to_le_bytes()].concat();
+        send(&mut c, 8, &state(256), None); // SET_VRING_NUM
+        let mut addr = Vec::new();
+        addr.extend_from_slice(&ring.to_le_bytes());
+        addr.extend_from_slice(&0u32.to_le_bytes()); // flags
+        for a in [base, base + 0x2000, base + 0x1000, 0] {
+            // descriptor table, used ring, avail ring, log
+            addr.extend_from_slice(&a.to_le_bytes());
+        }
+        send(&mut c, 9, &addr, None); // SET_VRING_ADDR
+        send(&mut c, 10, &state(0), None); // SET_VRING_BASE
+        let index = u64::from(ring).to_le_bytes();
+        send(&mut c, 13, &index, Some(eventfd())); // SET_VRING_CALL
+        let kick = eventfd();
+        send(&mut c, 12, &index, Some(kick)); // SET_VRING_KICK: the device starts
+        kicks.push(kick);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Take the memory away under the running device, and wake it.
+    // SAFETY: our memfd (the backend maps its own copy of it).
+    assert_eq!(unsafe { libc::ftruncate(mem, 0) }, 0);
+    for kick in kicks {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to our eventfd.
+        assert_eq!(unsafe { libc::write(kick, one.as_ptr().cast(), 8) }, 8);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Closing the connection stops the device; the backend, asked for one
+    // connection, then exits.
 }
 
 /// Sends one vhost-user message (version 1), with `fd` attached.

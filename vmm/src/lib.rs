@@ -18,5 +18,6 @@ pub mod monitor;
 pub mod pktgen;
 pub mod report;
 pub mod seccomp;
+pub mod sigbus;
 pub mod verdict;
 pub mod vm;

@@ -122,6 +122,10 @@ pub enum VhostUserError {
     /// The protocol thread could not be confined.
     #[error(transparent)]
     Seccomp(#[from] nmvm::seccomp::SeccompError),
+    /// The handler that survives a frontend shrinking its memory could not
+    /// be installed.
+    #[error("cannot install the SIGBUS handler: {0}")]
+    Sigbus(#[source] io::Error),
 }
 
 /// A frontend request the backend refuses. Reported (with the request's
@@ -222,6 +226,9 @@ struct RegionMap {
 /// Guest memory: the mappings and how frontend addresses translate.
 #[derive(Debug)]
 struct Memory {
+    /// The mappings' SIGBUS protection (the frontend may shrink its
+    /// files); declared first so it ends before the mappings do.
+    _protected: Vec<nmvm::sigbus::Protected>,
     mem: GuestMemoryMmap,
     regions: Vec<RegionMap>,
 }
@@ -239,6 +246,7 @@ impl Memory {
         }
         let mut mapped = Vec::with_capacity(table.len());
         let mut regions = Vec::with_capacity(table.len());
+        let mut protected = Vec::with_capacity(table.len());
         for (index, (r, file)) in table.iter().zip(files).enumerate() {
             let bad = |why: String| RequestError::BadRegion {
                 index,
@@ -270,6 +278,7 @@ impl Memory {
             }
             let mapping = MmapRegion::from_file(FileOffset::new(file, r.mmap_offset), size)
                 .map_err(|e| bad(format!("cannot map it: {e}")))?;
+            protected.extend(nmvm::sigbus::protect(mapping.as_ptr(), size));
             let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_phys_addr))
                 .ok_or_else(|| bad("the region wraps around".into()))?;
             mapped.push(region);
@@ -295,7 +304,11 @@ impl Memory {
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| {
             RequestError::BadMemoryTable(format!("regions overlap in guest memory ({e})"))
         })?;
-        Ok(Self { mem, regions })
+        Ok(Self {
+            _protected: protected,
+            mem,
+            regions,
+        })
     }
 
     /// The guest-physical address of `[addr, addr + len)` in the frontend's
@@ -919,6 +932,7 @@ pub fn serve(opts: &Options, stop: &AtomicBool) -> Result<Served, VhostUserError
     })?;
     let backend = Arc::new(Mutex::new(Backend::new(Net::new(UNUSED_MAC, port))));
     let listener = listen(&opts.socket)?;
+    nmvm::sigbus::install().map_err(VhostUserError::Sigbus)?;
     // Set-up is done: from here on the thread serves untrusted frontends.
     nmvm::seccomp::install(nmvm::seccomp::ThreadKind::VhostUser)?;
     info!(
