@@ -8,7 +8,8 @@
 //! anonymous zero pages over the whole region (the frontend broke its side
 //! of the contract, so all of its memory now reads as zeros, which the
 //! device treats like any other untrusted bytes), says so once on stderr,
-//! and the access is retried. A SIGBUS anywhere else ends the process
+//! and the access is retried; the vhost-user connection notices
+//! [`rescued`] move and ends. A SIGBUS anywhere else ends the process
 //! with one line and the VMM-error status.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -803,10 +803,11 @@ fn listen(path: &Path) -> Result<UnixListener, VhostUserError> {
     Ok(listener)
 }
 
-/// Waits until `fd` is readable (true) or `stop` is set (false).
-fn wait_readable(fd: i32, stop: &AtomicBool) -> io::Result<bool> {
+/// Waits until `fd` is readable (true) or `stop` is set or `give_up`
+/// says so (false); both are checked at least every [`POLL_MS`].
+fn wait_readable(fd: i32, stop: &AtomicBool, give_up: impl Fn() -> bool) -> io::Result<bool> {
     loop {
-        if stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) || give_up() {
             return Ok(false);
         }
         let mut pfd = libc::pollfd {
@@ -848,9 +849,16 @@ fn serve_connection(
         .and_then(|()| stream.set_read_timeout(Some(MESSAGE_TIMEOUT)))
         .map_err(|e| format!("cannot set up the connection: {e}"))?;
     let mut handler = BackendReqHandler::from_stream(stream, backend.clone());
+    // A frontend that shrinks its memory under the device (see `sigbus`)
+    // has broken the protocol: its connection ends.
+    let rescued = nmvm::sigbus::rescued();
+    let shrunk = || nmvm::sigbus::rescued() != rescued;
     loop {
-        match wait_readable(handler.as_raw_fd(), stop) {
+        match wait_readable(handler.as_raw_fd(), stop, shrunk) {
             Ok(true) => {}
+            Ok(false) if shrunk() => {
+                return Err("the frontend shrank a memory file under the running device".into())
+            }
             Ok(false) => return Ok(Ended::Stopped),
             Err(e) => return Err(format!("poll: {e}")),
         }
@@ -942,7 +950,7 @@ pub fn serve(opts: &Options, stop: &AtomicBool) -> Result<Served, VhostUserError
     );
     let mut served = Served::default();
     while opts.connections.is_none_or(|n| served.connections < n) {
-        match wait_readable(listener.as_raw_fd(), stop) {
+        match wait_readable(listener.as_raw_fd(), stop, || false) {
             Ok(true) => {}
             Ok(false) => break,
             Err(e) => {
