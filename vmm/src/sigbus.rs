@@ -35,8 +35,11 @@ pub struct Protected(usize);
 
 impl Drop for Protected {
     fn drop(&mut self) {
-        LENS[self.0].store(0, Ordering::Release);
+        // Match nothing, clear the start, and only then free the slot, so
+        // that a `protect` claiming it meanwhile keeps its own start.
+        LENS[self.0].store(usize::MAX, Ordering::Release);
         STARTS[self.0].store(0, Ordering::Release);
+        LENS[self.0].store(0, Ordering::Release);
     }
 }
 
@@ -75,7 +78,7 @@ pub fn install() -> Result<(), std::io::Error> {
     let result = INSTALLED.get_or_init(|| {
         // SAFETY: an all-zero sigaction is a valid value, filled in below;
         // the handler only makes async-signal-safe system calls (mmap,
-        // write, sigaction) and reads atomics.
+        // write, _exit) and reads and bumps atomics.
         let rc = unsafe {
             let mut act: libc::sigaction = std::mem::zeroed();
             act.sa_sigaction = on_sigbus as *const () as usize;
@@ -115,6 +118,11 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             LENS[i].load(Ordering::Acquire),
         );
         if len == 0 || len == usize::MAX || addr < start || addr - start >= len {
+            continue;
+        }
+        // The pair is read without a lock: if the slot changed meanwhile,
+        // the region is being unregistered and nmvm no longer uses it.
+        if STARTS[i].load(Ordering::Acquire) != start || LENS[i].load(Ordering::Acquire) != len {
             continue;
         }
         // SAFETY: `[start, start + len)` is a mapping of ours (registered
