@@ -19,5 +19,6 @@ pub mod pktgen;
 pub mod report;
 pub mod seccomp;
 pub mod sigbus;
+pub mod signal;
 pub mod verdict;
 pub mod vm;

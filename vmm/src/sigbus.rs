@@ -76,21 +76,10 @@ pub fn rescued() -> u64 {
 pub fn install() -> Result<(), std::io::Error> {
     static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
     let result = INSTALLED.get_or_init(|| {
-        // SAFETY: an all-zero sigaction is a valid value, filled in below;
-        // the handler only makes async-signal-safe system calls (mmap,
-        // write, _exit) and reads and bumps atomics.
-        let rc = unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_sigbus as *const () as usize;
-            act.sa_flags = libc::SA_SIGINFO;
-            libc::sigemptyset(&mut act.sa_mask);
-            libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut())
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-        }
+        // SAFETY: the handler only makes async-signal-safe system calls
+        // (mmap, write, _exit) and reads and bumps atomics.
+        unsafe { crate::signal::set_handler(libc::SIGBUS, on_sigbus) }
+            .map_err(|e| e.raw_os_error().unwrap_or(0))
     });
     result.map_err(std::io::Error::from_raw_os_error)
 }

@@ -346,25 +346,6 @@ fn kick_signal() -> libc::c_int {
     return libc::SIGUSR2;
 }
 
-/// Installs [`kick_handler`] for [`kick_signal`], without SA_RESTART so the
-/// run ioctl is interrupted rather than restarted.
-fn install_kick_handler() -> std::io::Result<()> {
-    // SAFETY: an all-zero sigaction is a valid value, filled in before use;
-    // the handler does nothing, so it is async-signal-safe.
-    let rc = unsafe {
-        let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = kick_handler as *const () as usize;
-        act.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut act.sa_mask);
-        libc::sigaction(kick_signal(), &act, std::ptr::null_mut())
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// Boots the VM described by `cfg` and runs it to a verdict.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     match crate::hypervisor::selected() {
@@ -517,8 +498,9 @@ where
         first_exit: OnceLock::new(),
     });
 
-    // The handler is async-signal-safe: it does nothing.
-    install_kick_handler().map_err(VmError::Thread)?;
+    // SAFETY: the handler is async-signal-safe: it does nothing. (No
+    // SA_RESTART: the run ioctl it interrupts returns EINTR.)
+    unsafe { crate::signal::set_handler(kick_signal(), kick_handler) }.map_err(VmError::Thread)?;
     let signal = Arc::new(AtomicUsize::new(0));
     for sig in [libc::SIGINT, libc::SIGTERM] {
         signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)

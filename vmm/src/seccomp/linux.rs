@@ -46,19 +46,10 @@ pub fn enable() -> Result<(), SeccompError> {
     for kind in ALL_KINDS {
         filters(kind)?;
     }
-    // SAFETY: an all-zero sigaction is a valid value that is filled in
-    // below; the handler only calls async-signal-safe functions (write,
+    // SAFETY: the handler only calls async-signal-safe functions (write,
     // _exit) and reads a const-initialised thread local.
-    let rc = unsafe {
-        let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = sigsys_handler as *const () as usize;
-        act.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut act.sa_mask);
-        libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(SeccompError::Handler(std::io::Error::last_os_error()));
-    }
+    unsafe { crate::signal::set_handler(libc::SIGSYS, sigsys_handler) }
+        .map_err(SeccompError::Handler)?;
     nmvm_devices::virtio::net::set_worker_start_hook(|| confine_or_exit(ThreadKind::DeviceWorker));
     nmvm_devices::netmap::shm::set_control_start_hook(|| confine_or_exit(ThreadKind::ShmControl));
     ENABLED.store(true, Ordering::SeqCst);
