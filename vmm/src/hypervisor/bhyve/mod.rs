@@ -55,20 +55,31 @@ type IoctlRequest = libc::c_int;
 #[cfg(not(all(target_os = "linux", target_env = "musl")))]
 type IoctlRequest = libc::c_ulong;
 
-/// `ioctl(fd, req, arg)` on a vmm(4) argument struct (`/dev/vmmctl`).
-fn ioctl<T>(fd: RawFd, req: u32, arg: &mut T) -> io::Result<()> {
-    // SAFETY: every request nmvm issues is paired with the `#[repr(C)]`
-    // struct of `abi` whose size is encoded in `req` (the abi tests check
-    // both against the reference), so the kernel reads and writes exactly
-    // `*arg`, which is a live, exclusive borrow for the whole call. Structs
-    // that carry pointers (VM_RUN) point at buffers the caller keeps alive
-    // across the call.
-    let r = unsafe { libc::ioctl(fd, req as IoctlRequest, arg as *mut T) };
+/// `ioctl(fd, req, arg)`.
+///
+/// # Safety
+///
+/// `arg` must point at a live, exclusively borrowed value of the
+/// `#[repr(C)]` struct of `abi` that `req` takes (its size is encoded in
+/// `req`), and every pointer inside it must be valid as the request
+/// requires.
+unsafe fn raw_ioctl(fd: RawFd, req: u32, arg: *mut u8) -> io::Result<()> {
+    // SAFETY: the caller's contract is the kernel's.
+    let r = unsafe { libc::ioctl(fd, req as IoctlRequest, arg) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
     }
+}
+
+/// `ioctl(fd, req, arg)` on a vmm(4) argument struct (`/dev/vmmctl`).
+fn ioctl<T>(fd: RawFd, req: u32, arg: &mut T) -> io::Result<()> {
+    // SAFETY: every request nmvm issues is paired with the `#[repr(C)]`
+    // struct of `abi` whose size is encoded in `req` (the abi tests check
+    // both against the reference); `arg` is a live, exclusive borrow for
+    // the whole call.
+    unsafe { raw_ioctl(fd, req, (arg as *mut T).cast()) }
 }
 
 /// The VM device's two operations: ioctls on `/dev/vmm/NAME`, and a
@@ -93,15 +104,8 @@ struct KernelVm(File);
 
 impl VmmDevice for KernelVm {
     unsafe fn ioctl(&self, req: u32, arg: *mut u8, _len: usize) -> io::Result<()> {
-        // SAFETY: the caller's contract is the kernel's: `arg` is the
-        // struct `req` encodes (size included), live and exclusive for the
-        // call, with valid embedded pointers.
-        let r = unsafe { libc::ioctl(self.0.as_raw_fd(), req as IoctlRequest, arg) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        // SAFETY: this method's contract is `raw_ioctl`'s.
+        unsafe { raw_ioctl(self.0.as_raw_fd(), req, arg) }
     }
 
     fn memory_file(&self) -> io::Result<File> {
