@@ -73,6 +73,46 @@ pub fn both(vm: Child, pg: Child) -> ((i32, String, String), (i32, String, Strin
     )
 }
 
+/// Boots the bundled guest as an echo appliance for 1000 frames (`extra`
+/// options, `net=echo count=1000` plus `cmdline`) and pings it with 1000
+/// frames of 60–1514 bytes from pkt-gen; checks that every frame came back
+/// intact and the guest echoed exactly 1000. Returns the VM's stdout and
+/// stderr for the caller's own checks.
+pub fn echo_1000_mixed(test: &str, extra: &[&str], cmdline: &str) -> (String, String) {
+    let (guest_end, host_end) = pipe(test);
+    let vm = vm_with(&guest_end, extra, &format!("net=echo count=1000 {cmdline}"));
+    let pg = pktgen(
+        &host_end,
+        &[
+            "-f",
+            "ping",
+            "-n",
+            "1000",
+            "-l",
+            "60",
+            "-l",
+            "1514",
+            "-b",
+            "16",
+            "-D",
+            "52:54:00:12:34:56",
+        ],
+    );
+    let ((vc, vo, ve), (pc, po, pe)) = both(vm, pg);
+    assert_eq!(pc, 0, "pkt-gen:\n{po}\n{pe}\nguest:\n{vo}\n{ve}");
+    assert!(
+        pe.contains("Checked: 1000 intact, 0 corrupt, 0 out of order, 0 lost"),
+        "{pe}"
+    );
+    assert!(pe.contains("RTT over 1000 packets"), "{pe}");
+    assert_eq!(vc, 0, "{vo}\n{ve}");
+    assert!(
+        vo.contains("nmvm-guest: net echo: rx 1000 tx 1000 bad 0"),
+        "{vo}"
+    );
+    (vo, ve)
+}
+
 /// The `--stats` line that starts with `key`.
 pub fn stats_line<'a>(stderr: &'a str, key: &str) -> &'a str {
     stderr
