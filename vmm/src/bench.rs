@@ -869,8 +869,17 @@ pub fn race_lines(race: &RaceReport) -> Vec<String> {
         .filter_map(|p| {
             let (d, ..) = RacePoint::median(&p.dpdk)?;
             let (n, ..) = RacePoint::median(&p.nmvm)?;
+            let switches = match (
+                RacePoint::median_switches(&p.nmvm),
+                RacePoint::median_switches(&p.dpdk),
+            ) {
+                (Some(n), Some(d)) => format!(
+                    "; backend side {n:.0} context switches/s (DPDK's: {d:.0})"
+                ),
+                _ => String::new(),
+            };
             Some(format!(
-                "race {} {:>4} B: nmvm vhost-user {:.2} Mpps, DPDK vhost {:.2} Mpps: {:.2}x DPDK, best runs {:.2}x DPDK; {}",
+                "race {} {:>4} B: nmvm vhost-user {:.2} Mpps, DPDK vhost {:.2} Mpps: {:.2}x DPDK, best runs {:.2}x DPDK; {}{}",
                 p.dir.name(),
                 p.size,
                 n.mpps,
@@ -881,7 +890,8 @@ pub fn race_lines(race: &RaceReport) -> Vec<String> {
                     "every run's counters agree"
                 } else {
                     "COUNTERS DISAGREE (see the JSON)"
-                }
+                },
+                switches
             ))
         })
         .collect()

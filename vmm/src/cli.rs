@@ -133,7 +133,8 @@ vhost-dpdk and vhost-nmvm: DPDK's virtio_user driver (testpmd) against DPDK's
 own vhost-user backend and against `nmvm vhost-user` + a netmap pipe +
 pkt-gen, each side pinned to one core; every frame is accounted for on every
 side. The last lines are the ratios (nmvm against the copy limit, the tap
-path and DPDK).
+path and DPDK); the race's also give the context switches per second of the
+backend side's processes (from /proc).
 
 Examples:
   nmvm bench --quick                       # under a minute

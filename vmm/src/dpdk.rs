@@ -186,6 +186,10 @@ pub struct RaceRun {
     pub kicks_per_pkt: f64,
     /// nmvm only: interrupts (calls) per frame.
     pub irqs_per_pkt: f64,
+    /// Context switches per second of the backend side's processes, all
+    /// their threads (DPDK: its testpmd; nmvm: vhost-user and pkt-gen),
+    /// over the measured seconds; none if /proc could not be read.
+    pub switches_per_sec: Option<f64>,
 }
 
 /// Finds `dpdk-testpmd` on PATH; with `install`, installs Debian's
@@ -534,6 +538,12 @@ pub fn run_point(
     };
     let want = 1 + cfg.seconds.max(1.0).ceil() as usize;
     let deadline = Instant::now() + Duration::from_secs_f64(cfg.seconds.max(1.0) + 30.0);
+    let backend_pids: Vec<u32> = std::iter::once(backend_proc.child.id())
+        .chain(pktgen.as_ref().map(|p| p.child.id()))
+        .collect();
+    // (when, count) once traffic flows, and at the end of the window.
+    let mut switches_from: Option<(Instant, Option<u64>)> = None;
+    let switches_per_sec;
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let d = &mut driver;
@@ -546,7 +556,15 @@ pub fn run_point(
             .filter_map(|l| field(l.trim_start(), key))
             .skip_while(|&v| v == 0)
             .collect();
+        if switches_from.is_none() && !figures.is_empty() {
+            switches_from = Some((Instant::now(), context_switches(&backend_pids)));
+        }
         if figures.len() >= want {
+            switches_per_sec = switches_from.and_then(|(t0, n0)| {
+                let (n0, n1) = (n0?, context_switches(&backend_pids)?);
+                let secs = t0.elapsed().as_secs_f64();
+                (secs > 0.0).then(|| n1.saturating_sub(n0) as f64 / secs)
+            });
             break;
         }
         if Instant::now() > deadline {
@@ -665,7 +683,31 @@ pub fn run_point(
         counts,
         kicks_per_pkt: kicks,
         irqs_per_pkt: irqs,
+        switches_per_sec,
     })
+}
+
+/// Context switches so far of every thread of the processes `pids`
+/// (voluntary and not, from /proc), if all of them could be read.
+fn context_switches(pids: &[u32]) -> Option<u64> {
+    let mut total = 0;
+    for pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+            total += switches_in_status(&status)?;
+        }
+    }
+    Some(total)
+}
+
+/// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of a
+/// /proc/.../status text.
+fn switches_in_status(status: &str) -> Option<u64> {
+    let field = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].trim().parse().ok()
+    };
+    Some(field("voluntary_ctxt_switches:")? + field("nonvoluntary_ctxt_switches:")?)
 }
 
 /// The median of `n` per-second figures once traffic flows: leading zeros
@@ -864,6 +906,17 @@ impl RacePoint {
         (d > 0.0).then_some(n / d)
     }
 
+    /// The median of the runs' context switches per second on the backend
+    /// side, if every run has the figure.
+    pub fn median_switches(runs: &[RaceRun]) -> Option<f64> {
+        let mut v = runs
+            .iter()
+            .map(|r| r.switches_per_sec)
+            .collect::<Option<Vec<f64>>>()?;
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    }
+
     /// Every nmvm run accounted for every frame. (DPDK's own pair is not
     /// held to it: its vhost backend counts a few dozen to a few hundred
     /// frames per run as sent that its driver never receives; the JSON
@@ -987,6 +1040,29 @@ Telling cores to stop...
                 unsent: 12
             })
         );
+    }
+
+    #[test]
+    fn context_switches_are_read_from_proc() {
+        let status =
+            "Name:\tnmvm-net\nvoluntary_ctxt_switches:\t16\nnonvoluntary_ctxt_switches:\t26424\n";
+        assert_eq!(switches_in_status(status), Some(26440));
+        assert_eq!(switches_in_status("Name:\tx\n"), None);
+        if cfg!(target_os = "linux") {
+            // A shell that blocks in wait(2) for one short sleep after
+            // another: each wait is a context switch. (Not this process:
+            // its test threads come and go, and their counts with them.)
+            let mut sh = Command::new("sh")
+                .args(["-c", "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 0.01; done"])
+                .spawn()
+                .expect("sh");
+            let before = context_switches(&[sh.id()]).expect("the shell's /proc entry");
+            std::thread::sleep(Duration::from_millis(60));
+            let after = context_switches(&[sh.id()]).expect("the shell's /proc entry");
+            sh.wait().expect("sh");
+            assert!(after > before, "{before} -> {after}");
+        }
+        assert_eq!(context_switches(&[u32::MAX]), None);
     }
 
     #[test]
