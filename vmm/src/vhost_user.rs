@@ -56,7 +56,8 @@ use vhost::vhost_user::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -246,7 +247,6 @@ impl Memory {
         }
         let mut mapped = Vec::with_capacity(table.len());
         let mut regions = Vec::with_capacity(table.len());
-        let mut protected = Vec::with_capacity(table.len());
         for (index, (r, file)) in table.iter().zip(files).enumerate() {
             let bad = |why: String| RequestError::BadRegion {
                 index,
@@ -278,7 +278,6 @@ impl Memory {
             }
             let mapping = MmapRegion::from_file(FileOffset::new(file, r.mmap_offset), size)
                 .map_err(|e| bad(format!("cannot map it: {e}")))?;
-            protected.extend(nmvm::sigbus::protect(mapping.as_ptr(), size));
             let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_phys_addr))
                 .ok_or_else(|| bad("the region wraps around".into()))?;
             mapped.push(region);
@@ -304,6 +303,13 @@ impl Memory {
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| {
             RequestError::BadMemoryTable(format!("regions overlap in guest memory ({e})"))
         })?;
+        // Registered only now that every mapping lives in `mem`: a failed
+        // step above unmaps what it was given, and a registration must never
+        // outlive its mapping.
+        let protected = mem
+            .iter()
+            .filter_map(|r| nmvm::sigbus::protect(r.as_ptr(), r.len() as usize))
+            .collect();
         Ok(Self {
             _protected: protected,
             mem,
