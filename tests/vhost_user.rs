@@ -482,9 +482,10 @@ fn shrinking_frontend(sock: &Path) {
     send(&mut c, 1, &[], None);
     let mut reply = [0u8; 20];
     c.read_exact(&mut reply).expect("GET_FEATURES reply");
-    send(&mut c, 3, &[], None); // SET_OWNER
-    send(&mut c, 2, &(1u64 << 32).to_le_bytes(), None); // SET_FEATURES: VERSION_1
-                                                        // SAFETY: memfd_create with a NUL-terminated name; checked below.
+    // SET_OWNER, then SET_FEATURES: VERSION_1.
+    send(&mut c, 3, &[], None);
+    send(&mut c, 2, &(1u64 << 32).to_le_bytes(), None);
+    // SAFETY: memfd_create with a NUL-terminated name; checked below.
     let mem = unsafe { libc::memfd_create(c"nmvm-test-shrink".as_ptr(), 0) };
     assert!(mem >= 0, "memfd_create");
     // SAFETY: `mem` is the memfd just created.
