@@ -560,7 +560,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::netmap::{Port, PortOptions};
     use crate::virtio::net::{Net, F_MRG_RXBUF, HDR_NUM_BUFFERS};
-    use crate::virtio::{VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
+    use crate::virtio::{VirtioDevice, F_IN_ORDER, F_RING_EVENT_IDX, F_VERSION_1};
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestMemoryBackend};
 
@@ -800,7 +800,8 @@ pub(crate) mod tests {
         let mut peer = Port::open(&b, &opts).unwrap();
         let mut drv = SyntheticDriver::new(64).unwrap();
         let mut net = Net::new([2, 0, 0, 0, 0, 1], dev_port);
-        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX))
+        assert_ne!(net.features() & F_IN_ORDER, 0);
+        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX | F_IN_ORDER))
             .unwrap();
         // Scratch memory after both queues.
         let scratch = 0x1000 + 2 * DriverQueue::footprint(64);
@@ -867,6 +868,15 @@ pub(crate) mod tests {
         for b in bad {
             assert!(used.contains(&(b, 0)), "bad chain {b} returned: {used:?}");
         }
+        // In order (negotiated): every chain comes back where it was made
+        // available, bad ones included; the head outside the table names
+        // no chain and is left out.
+        let posted: Vec<u16> = (0..drv.tx.avail_idx)
+            .map(|i| drv.tx.ring.avail_entry(i))
+            .filter(|&h| h < 64)
+            .collect();
+        let returned: Vec<u16> = used.iter().map(|&(id, _)| id).collect();
+        assert_eq!(returned, posted);
         let c = net.counters();
         assert_eq!(c.tx_frames.load(Ordering::Relaxed), want.len() as u64);
         assert_eq!(c.bad_chains.load(Ordering::Relaxed), bad.len() as u64);
@@ -882,7 +892,7 @@ pub(crate) mod tests {
         let mut peer = Port::open(&b, &opts).unwrap();
         let mut drv = SyntheticDriver::new(16).unwrap();
         let mut net = Net::new([2, 0, 0, 0, 0, 1], dev_port);
-        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX | F_MRG_RXBUF))
+        net.activate(drv.activation(F_VERSION_1 | F_RING_EVENT_IDX | F_IN_ORDER | F_MRG_RXBUF))
             .unwrap();
         let scratch = 0x1000 + 2 * DriverQueue::footprint(16);
         let small = |k: u64| (scratch + k * 0x400, 512u32, VIRTQ_DESC_F_WRITE);

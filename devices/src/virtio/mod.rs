@@ -23,6 +23,9 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const F_RING_EVENT_IDX: u64 = 1 << 29;
 /// Feature bit: indirect descriptors.
 pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
+/// Feature bit: the device uses buffers in the order the driver made them
+/// available, so a driver may reclaim them by the used index alone.
+pub const F_IN_ORDER: u64 = 1 << 35;
 
 /// Device status: the guest noticed the device.
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
