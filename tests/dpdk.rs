@@ -54,6 +54,16 @@ fn virtio_user_and_pkt_gen_agree_on_every_frame_both_ways() {
                 "{dir:?} {size} B: the receiver did not get every frame: {run:?}"
             );
             assert!(run.mpps > 0.0, "no per-second figure: {run:?}");
+            // nmvm offers VIRTIO_F_IN_ORDER, as DPDK's own backend does, and
+            // the driver takes its in-order path for the direction.
+            let want = match dir {
+                Dir::Tx => "inorder Tx",
+                Dir::Rx => "inorder Rx",
+            };
+            assert!(
+                run.driver_paths.as_deref().unwrap_or("").contains(want),
+                "{dir:?} {size} B: virtio_user did not take its {want} path: {run:?}"
+            );
         }
     }
 }

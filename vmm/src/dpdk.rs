@@ -190,6 +190,9 @@ pub struct RaceRun {
     /// their threads (DPDK: its testpmd; nmvm: vhost-user and pkt-gen),
     /// over the measured seconds; none if /proc could not be read.
     pub switches_per_sec: Option<f64>,
+    /// The Tx and Rx paths virtio_user's PMD chose with this backend (say
+    /// "inorder Tx, inorder Rx"), as it logged them.
+    pub driver_paths: Option<String>,
 }
 
 /// Finds `dpdk-testpmd` on PATH; with `install`, installs Debian's
@@ -428,6 +431,9 @@ fn testpmd_args(prefix: &str, core: usize, vdev: &str, mode: &str, size: usize) 
         "512",
         "--no-pci",
         "--log-level=lib.eal:error",
+        // virtio_user's PMD says which Tx and Rx paths it chose (see
+        // `parse_driver_paths`).
+        "--log-level=pmd.net.virtio.init:info",
         &format!("--file-prefix={prefix}"),
         &format!("--lcores=0@{core},1@{core}"),
         &format!("--vdev={vdev}"),
@@ -684,7 +690,22 @@ pub fn run_point(
         kicks_per_pkt: kicks,
         irqs_per_pkt: irqs,
         switches_per_sec,
+        driver_paths: parse_driver_paths(&driver_out),
     })
+}
+
+/// The Tx and Rx paths that virtio_user's PMD logs choosing ("virtio:
+/// using inorder Tx path on port 0"), in the order logged: which of its
+/// code paths the backend's features let it take.
+pub fn parse_driver_paths(out: &str) -> Option<String> {
+    let paths: Vec<&str> = out
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("virtio: using ").nth(1)?;
+            Some(rest.split(" path on port").next()?.trim())
+        })
+        .collect();
+    (!paths.is_empty()).then(|| paths.join(", "))
 }
 
 /// Context switches so far of every thread of the processes `pids`
@@ -939,6 +960,26 @@ pub struct RaceReport {
     pub points: Vec<RacePoint>,
 }
 
+impl RaceReport {
+    /// The distinct paths virtio_user's PMD took with `backend` (see
+    /// [`RaceRun::driver_paths`]), in the order first seen.
+    pub fn driver_paths(&self, backend: Backend) -> Vec<&str> {
+        let mut seen: Vec<&str> = Vec::new();
+        for p in &self.points {
+            let runs = match backend {
+                Backend::Dpdk => &p.dpdk,
+                Backend::Nmvm => &p.nmvm,
+            };
+            for path in runs.iter().filter_map(|r| r.driver_paths.as_deref()) {
+                if !seen.contains(&path) {
+                    seen.push(path);
+                }
+            }
+        }
+        seen
+    }
+}
+
 /// Races both backends at every size and direction.
 pub fn run(cfg: &RaceConfig, sizes: &[usize], repeat: u32) -> Result<RaceReport, RaceError> {
     let mut points = Vec::new();
@@ -1004,6 +1045,19 @@ Telling cores to stop...
         assert_eq!(r.rx_packets, 0);
         // No final statistics: the run failed.
         assert_eq!(parse_testpmd("  Tx-pps: 5 Tx-bps: 7\n"), None);
+    }
+
+    #[test]
+    fn driver_paths_parse() {
+        let out = "EAL: Selected IOVA mode 'VA'\n\
+                   set_rxtx_funcs(): virtio: using inorder Tx path on port 0\n\
+                   set_rxtx_funcs(): virtio: using mergeable buffer Rx path on port 0\n\
+                   Port 0: 02:00:00:00:00:01\n";
+        assert_eq!(
+            parse_driver_paths(out).as_deref(),
+            Some("inorder Tx, mergeable buffer Rx")
+        );
+        assert_eq!(parse_driver_paths(TESTPMD_OUT), None);
     }
 
     #[test]

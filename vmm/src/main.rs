@@ -241,6 +241,16 @@ fn bench(args: BenchArgs) -> ExitCode {
                 println!("race {} {}: {}", b.path(), dir.name(), b.work(dir));
             }
         }
+        for b in [nmvm::dpdk::Backend::Dpdk, nmvm::dpdk::Backend::Nmvm] {
+            let paths = race.driver_paths(b);
+            if !paths.is_empty() {
+                println!(
+                    "race {}: virtio_user's paths: {}",
+                    b.path(),
+                    paths.join("; ")
+                );
+            }
+        }
     }
     for line in nmvm::bench::ratio_lines(&report) {
         println!("{line}");
