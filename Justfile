@@ -2,7 +2,9 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-nmvm := "target/release/nmvm"
+# Cargo's target directory (CARGO_TARGET_DIR, if set, as cargo itself honours it).
+target := env_var_or_default("CARGO_TARGET_DIR", "target")
+nmvm := target + "/release/nmvm"
 
 # Show the recipes.
 default:
@@ -37,7 +39,7 @@ fmt:
 # Build the bundled guest (it is also built by every nmvm build) and lint its bare-metal binary.
 guest:
     cargo build -p nmvm
-    @find target/debug/build -path '*guest-target/*/release/nmvm-guest' -newer guest-images/guest/Cargo.toml -print -quit
+    @find {{target}}/debug/build -path '*guest-target/*/release/nmvm-guest' -newer guest-images/guest/Cargo.toml -print -quit
 
 # Fetch the stock Debian cloud kernel into guest-images/cache/debian-kernel (bzImage and ELF vmlinux).
 kernel-debian:
