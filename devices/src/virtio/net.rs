@@ -1292,13 +1292,13 @@ fn slots_to_ones(
         unsafe {
             if port_hdr {
                 // The port's header, with num_buffers = 1 (need >= HDR_LEN).
-                copy_bytes(data.as_ptr(), dst, len);
+                copy_into_guest(data.as_ptr(), dst, len);
                 dst.add(HDR_NUM_BUFFERS)
                     .cast::<[u8; 2]>()
                     .write_unaligned(1u16.to_le_bytes());
             } else {
                 dst.cast::<[u8; HDR_LEN]>().write_unaligned(HDR_ONE);
-                copy_bytes(data.as_ptr(), dst.add(HDR_LEN), len);
+                copy_into_guest(data.as_ptr(), dst.add(HDR_LEN), len);
             }
         }
         q.push_used(o.head, need as u32);
@@ -1306,9 +1306,85 @@ fn slots_to_ones(
         j = rx.next(j);
         done += 1;
     }
+    // The streaming stores of `copy_into_guest` must be visible before the
+    // used index that tells the driver of them.
+    store_fence();
     q.consume(done as u16);
     *i = j;
     (done, bytes)
+}
+
+/// Frames from this many bytes on are copied into guest buffers with
+/// streaming stores (see [`copy_into_guest`]).
+const STREAM_MIN: usize = 256;
+
+/// Copies `n` bytes of a received frame from a netmap buffer into a guest
+/// buffer. From [`STREAM_MIN`] bytes on, everything past the first cache
+/// line or two (the headers the driver reads at once) goes with streaming
+/// (non-temporal) stores, which write whole lines without first reading
+/// them: a driver's receive buffers cycle through far more memory than the
+/// caches hold, so an ordinary store must fetch each line from the last
+/// level cache or another core only to overwrite it. With DPDK's
+/// virtio_user as the driver this raised 1514-byte receive from about 5.7
+/// to 7.7 Mpps (three back-to-back pairs of 3-second runs, Intel Xeon, 2
+/// MiB L2); the synthetic driver and the bundled guest, whose buffers stay
+/// hot, stayed within the noise. A guest that then reads the whole payload
+/// finds it in memory rather than in a cache. The caller must call
+/// [`store_fence`] before it publishes the frame.
+///
+/// # Safety
+///
+/// As for [`copy_bytes`].
+#[inline(always)]
+unsafe fn copy_into_guest(src: *const u8, dst: *mut u8, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if n >= STREAM_MIN {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        // Ordinary stores up to the first 64-byte boundary at least 64
+        // bytes in (64..=127 bytes), streaming stores for the whole lines
+        // after it, ordinary ones for the rest.
+        let head = 64 + ((dst as usize).wrapping_neg() & 63);
+        let mut o = head;
+        // SAFETY: head <= 127 < STREAM_MIN <= n, and every 64-byte block
+        // streamed has o + 64 <= n, so all accesses are inside the two
+        // ranges the caller vouches for. `dst + o` is 64-byte aligned for
+        // each block (o starts at a boundary and steps by 64), as
+        // `_mm_stream_si128` needs 16. The loads are unaligned. Plain
+        // bytes, no references: if the ranges overlap (a guest's doing),
+        // only the bytes copied suffer, as with `copy_bytes`.
+        unsafe {
+            copy_bytes(src, dst, head);
+            while o + 64 <= n {
+                let s = src.add(o).cast::<__m128i>();
+                let d = dst.add(o).cast::<__m128i>();
+                let v = [
+                    _mm_loadu_si128(s),
+                    _mm_loadu_si128(s.add(1)),
+                    _mm_loadu_si128(s.add(2)),
+                    _mm_loadu_si128(s.add(3)),
+                ];
+                for (k, v) in v.into_iter().enumerate() {
+                    _mm_stream_si128(d.add(k), v);
+                }
+                o += 64;
+            }
+            copy_bytes(src.add(o), dst.add(o), n - o);
+        }
+        return;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { copy_bytes(src, dst, n) }
+}
+
+/// Orders the streaming stores of [`copy_into_guest`] before the stores
+/// that follow (the used ring's index).
+#[inline(always)]
+fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `sfence` only orders stores; it touches no memory.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 /// Publishes what `q` used so far and interrupts the driver if it asked for
@@ -1648,4 +1724,33 @@ fn empty_slots(tx: &mut Ring, from: u32, to: u32) -> Option<(u32, usize)> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every length around the streaming threshold and up to a jumbo slot,
+    /// at every alignment of the destination within a cache line: each
+    /// byte lands, and none outside the range is touched.
+    #[test]
+    fn copies_into_guest_buffers_byte_for_byte() {
+        let src: Vec<u8> = (0..4200u32).map(|i| (i * 7 + 3) as u8).collect();
+        let mut dst = vec![0u8; 4400];
+        for n in (0..300).chain([511, 512, 513, 1514, 1526, 2048, 4000]) {
+            for (so, dofs) in [(0, 0), (1, 7), (3, 12), (0, 63), (5, 64)] {
+                dst.fill(0xEE);
+                // 64-byte aligned start inside the vector, then `dofs`.
+                let base = dst.as_ptr().align_offset(64) + dofs;
+                // SAFETY: n + so <= 4007 < src.len(), and base + n <= 63 +
+                // 64 + 4000 < dst.len(); no references to either range live
+                // across the call.
+                unsafe { copy_into_guest(src.as_ptr().add(so), dst.as_mut_ptr().add(base), n) };
+                store_fence();
+                assert_eq!(&dst[base..base + n], &src[so..so + n], "n {n} dst+{dofs}");
+                assert!(dst[..base].iter().all(|&b| b == 0xEE), "n {n}: before");
+                assert!(dst[base + n..].iter().all(|&b| b == 0xEE), "n {n}: after");
+            }
+        }
+    }
 }
