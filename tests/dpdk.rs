@@ -27,6 +27,7 @@ fn config(seconds: f64) -> RaceConfig {
         nmvm: PathBuf::from(env!("CARGO_BIN_EXE_nmvm")),
         seconds,
         cores: dpdk::pick_cores().unwrap_or_else(|e| panic!("{e}")),
+        pipe_slots: dpdk::PIPE_SLOTS,
     }
 }
 

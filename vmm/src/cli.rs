@@ -180,6 +180,17 @@ pub struct BenchArgs {
     /// Only the DPDK race (see --dpdk), none of the other rows.
     #[arg(long)]
     pub dpdk_only: bool,
+    /// Slots per ring of the netmap pipe between `nmvm vhost-user` and
+    /// pkt-gen in the DPDK race: small enough that the buffers in flight
+    /// stay in a core's L2 at 1514 bytes (the default), or 1024 (the pipes'
+    /// usual size) to see what that costs.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::dpdk::PIPE_SLOTS,
+        value_parser = clap::value_parser!(u32).range(i64::from(shm::MIN_SLOTS)..=i64::from(shm::MAX_SLOTS)),
+    )]
+    pub race_pipe_slots: u32,
     /// Only the device worker's TX path for COUNT 64-byte frames, for
     /// instruction counting under callgrind (see `just bench-callgrind`).
     #[arg(long, value_name = "COUNT")]

@@ -28,11 +28,11 @@ use thiserror::Error;
 /// The frame sizes raced (bytes of frame, as testpmd's `--txpkts` counts).
 pub const SIZES: [usize; 2] = [64, 1514];
 
-/// Slots per ring of the netmap pipe between `nmvm vhost-user` and pkt-gen.
-/// A pipe keeps two rings' worth of buffers in flight, and at 1514 bytes
+/// Slots per ring of the netmap pipe between `nmvm vhost-user` and pkt-gen
+/// unless `nmvm bench --race-pipe-slots` says otherwise. A pipe keeps two rings' worth of buffers in flight, and at 1514 bytes
 /// the worker's copy runs at the speed of the cache those buffers live in:
 /// with the default 1024 slots they are 3 MiB, more than a core's L2, and
-/// on a machine with 2 MiB of L2 per core the race ran 15-25 % slower at
+/// on a machine with 2 MiB of L2 per core the race ran 10-25 % slower at
 /// 1514 B than with 256 slots (768 KiB; about 6.2 against 7.6 Mpps in TX).
 /// 128 slots gained nothing more there and lost at 64 B, where each
 /// wake-up of pkt-gen then covers too few frames. (On an earlier machine
@@ -149,6 +149,8 @@ pub struct RaceConfig {
     pub seconds: f64,
     /// The backend side's core and the driver's core.
     pub cores: (usize, usize),
+    /// Slots per ring of nmvm's pipe ([`PIPE_SLOTS`] unless asked).
+    pub pipe_slots: u32,
 }
 
 /// The final counters of one run, every side's own.
@@ -511,7 +513,7 @@ pub fn run_point(
                 .arg("--net")
                 .arg(format!("shm:{prefix}{{0"))
                 .args(["--stats", "--connections", "1"])
-                .arg(format!("--pipe-slots={PIPE_SLOTS}")),
+                .arg(format!("--pipe-slots={}", cfg.pipe_slots)),
             dir_path.join("backend.log"),
             be_core,
         )?,
@@ -1014,8 +1016,8 @@ pub fn run(cfg: &RaceConfig, sizes: &[usize], repeat: u32) -> Result<RaceReport,
     Ok(RaceReport {
         testpmd: testpmd_version(&cfg.testpmd),
         pinning: format!(
-            "core {}: the backend side (DPDK: testpmd's two lcores; nmvm: the vhost-user process and pkt-gen, on a pipe of {PIPE_SLOTS} slots per ring); core {}: the virtio_user driver (testpmd's two lcores)",
-            cfg.cores.0, cfg.cores.1
+            "core {}: the backend side (DPDK: testpmd's two lcores; nmvm: the vhost-user process and pkt-gen, on a pipe of {} slots per ring); core {}: the virtio_user driver (testpmd's two lcores)",
+            cfg.cores.0, cfg.pipe_slots, cfg.cores.1
         ),
         seconds: cfg.seconds.max(1.0),
         points,

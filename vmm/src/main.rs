@@ -214,7 +214,7 @@ fn bench(args: BenchArgs) -> ExitCode {
     };
     if args.dpdk || args.dpdk_only {
         let race_secs = args.seconds.unwrap_or(if args.quick { 2.0 } else { 4.0 });
-        match race(race_secs, args.repeat) {
+        match race(race_secs, args.repeat, args.race_pipe_slots) {
             Ok(race) => report.add_race(race),
             Err(e) => {
                 eprintln!("nmvm bench: the DPDK race: {e}");
@@ -268,7 +268,7 @@ fn bench(args: BenchArgs) -> ExitCode {
 
 /// The DPDK race (`--dpdk`): testpmd found or installed, two cores, this
 /// binary for the nmvm side.
-fn race(seconds: f64, repeat: u32) -> Result<nmvm::dpdk::RaceReport, String> {
+fn race(seconds: f64, repeat: u32, pipe_slots: u32) -> Result<nmvm::dpdk::RaceReport, String> {
     if cfg!(not(target_os = "linux")) {
         return Err("the DPDK race needs `nmvm vhost-user`, which is Linux-only".into());
     }
@@ -281,6 +281,7 @@ fn race(seconds: f64, repeat: u32) -> Result<nmvm::dpdk::RaceReport, String> {
         nmvm,
         seconds,
         cores,
+        pipe_slots,
     };
     eprintln!(
         "nmvm bench: racing DPDK ({} runs of {seconds} s per point and backend)",
